@@ -1,0 +1,414 @@
+"""The one typed configuration of a training session.
+
+``Config`` is the schema for three sources, applied in this order: the defaults below, the
+session's ``pipeline.config`` (a commented YAML file the user may edit between runs), and the
+flags given on the command line. The CLI flags are generated from the same fields, so a flag and
+a config key always share a name, a type, a range and a help text.
+
+This module imports only the standard library: the host-side starters build their ``--help`` from
+it on machines without PyTorch. PyYAML is imported only when a config file is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+CLI = "command line"  # the ``source`` of values given as flags: errors then name the flag
+
+
+def _opt(default, help, group, *, choices=None, low=None, high=None, flag=True):
+    """A config field with what the CLI and the commented config file need to know about it."""
+    meta = {"help": help, "group": group, "choices": choices, "low": low, "high": high, "flag": flag}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    """Everything that decides what a training session does. Paths are as the user gave them."""
+
+    # -- data ---------------------------------------------------------------------------------
+    src_json_path: str = _opt(
+        "files/metadata.json",
+        "Annotations: a COCO instances JSON, Drip's own JSON, or a folder of Pascal VOC XML "
+        "files. The format is detected from the content.",
+        "data",
+    )
+    image_folder_path: str = _opt(
+        "files/images/",
+        "Folder holding the images; annotation file names are relative to it (sub-folders allowed).",
+        "data",
+    )
+    class_map_path: str | None = _opt(
+        None,
+        "Label map in TF label-map text format (item { id: 1 name: 'cat' }), e.g. "
+        "files/class_map.pbtxt. When given it fixes class ids and names and any other class in "
+        "the annotations is an error; when left out the classes come from the annotations.",
+        "data",
+    )
+    eval_percentage: float = _opt(
+        20.0,
+        "Percent of the images held out for evaluation, split per class so rare classes land "
+        "in both halves.",
+        "data",
+        low=0.0,
+        high=100.0,
+    )
+    seed: int = _opt(
+        0,
+        "Seed for the split, the augmentation and the training order: the same seed and data "
+        "give the same session.",
+        "data",
+        low=0,
+    )
+    augmentations: int = _opt(
+        1,
+        "Augmented copies written per training image (0 = none). Eval images are never augmented.",
+        "data",
+        low=0,
+        high=100,
+    )
+    augmentation_policy: str = _opt(
+        "files/augmentations.yaml",
+        "YAML file listing the albumentations transforms and their probabilities. If the "
+        "default file is missing, Drip's built-in policy (the same content) is used.",
+        "data",
+    )
+    on_bad_image: str = _opt(
+        "skip",
+        "What to do with an image that cannot be decoded: 'skip' leaves it out and reports it "
+        "in split/report.json, 'fail' stops with an error.",
+        "data",
+        choices=("skip", "fail"),
+    )
+    images_per_shard: int = _opt(
+        1000,
+        "Images per TFRecord shard: small enough to shuffle well, large enough to read fast.",
+        "data",
+        low=1,
+    )
+
+    # -- model --------------------------------------------------------------------------------
+    network: str = _opt(
+        "fasterrcnn_mobilenet_v3_large_fpn",
+        "A torchvision detector by name (see 'drip networks') or the path of a model file "
+        "exported by Drip. The default trains fast on a laptop CPU and well on a GPU.",
+        "model",
+    )
+    weights: str = _opt(
+        "coco",
+        "Starting point: 'coco' (detector pretrained on COCO, downloaded once into the "
+        "session folder's cache), 'imagenet' (backbone only), 'none' (from scratch), or the "
+        "path of a torchvision state_dict file for --network.",
+        "model",
+    )
+    image_size: int = _opt(
+        640,
+        "Images are resized so their longer side is this many pixels, for training and "
+        "inference alike. Smaller is faster; larger finds small objects.",
+        "model",
+        low=32,
+        high=4096,
+    )
+
+    # -- training -----------------------------------------------------------------------------
+    batch_size: int = _opt(4, "Images per training step.", "train", low=1, high=4096)
+    number_of_steps: int = _opt(
+        3000,
+        "Training steps in total (also when resuming: training stops at this step).",
+        "train",
+        low=1,
+    )
+    learning_rate: float | None = _opt(
+        None,
+        "Peak learning rate; by default the network family's tuned value, scaled by batch size.",
+        "train",
+        low=0.0,
+    )
+    optimizer: str = _opt(
+        "sgd",
+        "Optimizer: 'sgd' (momentum 0.9, the torchvision detection reference) or 'adamw'.",
+        "train",
+        choices=("sgd", "adamw"),
+    )
+    weight_decay: float = _opt(1e-4, "Weight decay, not applied to norms and biases.", "train", low=0.0)
+    lr_schedule: str = _opt(
+        "cosine",
+        "Learning-rate schedule after warmup: 'cosine' to zero, 'step' (x0.1 at 70% and 90%), "
+        "or 'constant'.",
+        "train",
+        choices=("cosine", "step", "constant"),
+    )
+    warmup_steps: int = _opt(
+        100,
+        "Steps of linear learning-rate warmup: keeps the freshly sized head from wrecking the "
+        "pretrained backbone in the first steps.",
+        "train",
+        low=0,
+    )
+    grad_clip: float = _opt(
+        10.0, "Clip the gradient norm at this value (0 = off).", "train", low=0.0
+    )
+    amp: bool = _opt(True, "Mixed precision on CUDA (ignored on the CPU).", "train")
+    device: str = _opt(
+        "auto",
+        "'auto' picks CUDA when PyTorch sees a GPU, else the CPU.",
+        "train",
+        choices=("auto", "cpu", "cuda"),
+    )
+    num_workers: int = _opt(
+        -1,
+        "Data-loading worker processes; -1 = one per core, at most 8, and none on a 1-core machine.",
+        "train",
+        low=-1,
+        high=64,
+    )
+    checkpoint_every: int = _opt(
+        500, "Save a checkpoint every this many steps (and always at the end).", "train", low=1
+    )
+    keep_checkpoints: int = _opt(
+        3, "Checkpoints kept in checkpoints/; older ones are removed.", "train", low=1
+    )
+    log_every: int = _opt(
+        10,
+        "Write losses, learning rate and images/s to TensorBoard every this many steps; "
+        "reading them syncs the GPU, so not every step.",
+        "train",
+        low=1,
+    )
+
+    version: int = _opt(CONFIG_VERSION, "Schema version of this file.", "meta", flag=False)
+
+    # -- schema helpers ---------------------------------------------------------------------
+    @classmethod
+    def fields(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], source: str) -> "Config":
+        """Build a Config from defaults plus ``values``; ``source`` names where they came from."""
+        return cls().updated(values, source)
+
+    def updated(self, values: dict[str, Any], source: str) -> "Config":
+        """A copy with ``values`` applied, each checked against the schema."""
+        known = self.fields()
+        changes = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, known)}")
+            where = f"--{key} {value}" if source == CLI else f"{source}: {key}={value!r}"
+            changes[key] = _check(known[key], value, where)
+        if changes.get("version", CONFIG_VERSION) != CONFIG_VERSION:
+            raise ConfigError(
+                f"{source}: version {changes['version']} is not supported by this Drip "
+                f"(it reads version {CONFIG_VERSION}); start a new session"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -- the commented file -----------------------------------------------------------------
+    def to_text(self) -> str:
+        """``pipeline.config``: flat YAML, every field with its meaning as a comment."""
+        lines = [
+            "# Drip pipeline.config: the training configuration of this session.",
+            "# Edit a value, then run the starter again with --resume_training: the edits take",
+            "# effect from the next step. Flags given on the command line override this file.",
+            "# Data fields were used to build this session's records; changing them now has no",
+            "# effect unless you start a new session.",
+        ]
+        group = None
+        for f in dataclasses.fields(self):
+            if f.metadata["group"] != group:
+                group = f.metadata["group"]
+                lines += ["", f"# --- {group} ---"]
+            lines += [f"# {chunk}" for chunk in _wrap(_describe(f), 96)]
+            lines.append(f"{f.name}: {_yaml_scalar(getattr(self, f.name))}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> "Config":
+        """Read a ``pipeline.config``; errors name the file and line."""
+        import yaml  # not needed on the host side
+
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(
+                f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the line "
+                "or move the file away to regenerate it"
+            ) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected 'key: value' lines, found {type(data).__name__}")
+        return cls.from_mapping(data, str(path))
+
+
+def _describe(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    kind = {"str": "str", "int": "int", "float": "float", "bool": "bool"}.get(
+        str(f.type).replace(" | None", ""), str(f.type)
+    )
+    extra = []
+    if meta["choices"]:
+        extra.append("one of " + ", ".join(meta["choices"]))
+    if meta["low"] is not None or meta["high"] is not None:
+        extra.append(f"range {_range(meta)}")
+    suffix = f" [{'; '.join(extra)}]" if extra else ""
+    return f"({kind}) {meta['help']}{suffix}"
+
+
+def _range(meta) -> str:
+    low = "" if meta["low"] is None else f"{meta['low']:g}"
+    high = "" if meta["high"] is None else f"{meta['high']:g}"
+    return f"{low}..{high}"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)  # a JSON string is a valid YAML scalar, quotes and all
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+
+
+def _check(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Coerce ``value`` to the field's type and check its range; raise ConfigError if it can't be.
+
+    ``where`` names the value for the error message (a flag, or a file and key).
+    """
+    meta = f.metadata
+    type_name = str(f.type)
+    optional = "None" in type_name
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+        if optional:
+            return None
+        if type_name == "str" and isinstance(value, str) and value.lower() == "none":
+            return value  # e.g. --weights none
+        raise ConfigError(f"{where} needs a value")
+    base = type_name.replace(" | None", "")
+    try:
+        if base == "bool":
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                    raise ValueError
+                value = lowered in ("true", "yes", "1", "on")
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError
+        else:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} is not a valid {base}") from None
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{where} is not one of {', '.join(meta['choices'])}")
+    low, high = meta["low"], meta["high"]
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"{where} is out of range; expected {_range(meta)}")
+    return value
+
+
+@dataclass
+class InferConfig:
+    """What ``drip infer`` does: which model, on which images, where the results go.
+
+    A separate schema from ``Config`` because inference runs long after training, often with a
+    model from another session; it shares Config's checking (borrowed below) so its flags are
+    generated, range-checked and suggested the same way.
+    """
+
+    images_path: str = _opt(
+        "files/images/",
+        "A folder of folders: each sub-folder (one camera, one day, one site) gets its own "
+        "results folder; images directly in this folder form a group named after it. "
+        "Sub-folders deeper down are kept in the results.",
+        "data",
+    )
+    results_path: str = _opt(
+        "files/results/",
+        "Where each group's results go: <results_path>/<group>/ with one drawn JPEG and one "
+        "JSON per image and a detections.json for the group. Earlier results of the same group "
+        "are moved to <results_path>/trash/<timestamp>/, never overwritten.",
+        "data",
+    )
+    model: str | None = _opt(
+        None,
+        "The model to run: a model file exported by Drip, or a session folder (its dl/model.pt "
+        "is used). By default the current session's exported model, <session_folder>/dl/model.pt.",
+        "model",
+    )
+    threshold: float = _opt(
+        60.0,
+        "Minimum score, in percent, for a detection to be kept. Lower finds more objects and "
+        "more false alarms; 60 suits a model trained to convergence.",
+        "model",
+        low=0.0,
+        high=100.0,
+    )
+    image_size: int | None = _opt(
+        None,
+        "Longer image side, in pixels, fed to the model. By default the size the model was "
+        "trained at, which is where it is most accurate.",
+        "model",
+        low=32,
+        high=4096,
+    )
+    batch_size: int = _opt(
+        4,
+        "Images per forward pass: larger is faster on a GPU until memory runs out; 1-4 on a CPU.",
+        "infer",
+        low=1,
+        high=1024,
+    )
+    device: str = _opt(
+        "auto",
+        "'auto' picks CUDA when PyTorch sees a GPU, else the CPU.",
+        "infer",
+        choices=("auto", "cpu", "cuda"),
+    )
+
+    # Config's schema helpers work on any dataclass of _opt fields; borrowing them keeps one
+    # implementation of the checks and leaves Config itself untouched.
+    fields = classmethod(Config.fields.__func__)
+    from_mapping = classmethod(Config.from_mapping.__func__)
+    updated = Config.updated
+    to_dict = Config.to_dict

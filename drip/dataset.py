@@ -1,0 +1,121 @@
+"""The in-memory form of an annotated image set, and Drip's own JSON format.
+
+Every input format (COCO, Pascal VOC, Drip JSON) is read into a list of ``ImageAnnotation``; the
+session's manifests (``split/train.json``, ``split/eval.json``) and the augmented boxes
+(``images_augmented/annotations.json``) are written in Drip JSON, so every annotation file Drip
+writes is also one it reads::
+
+    {
+      "images": [
+        {"file": "cats/001.jpg", "width": 640, "height": 480,
+         "objects": [{"label": "cat", "box": [12, 30, 200, 310]}]}
+      ]
+    }
+
+``file`` is relative to the image folder (forward slashes); ``box`` is ``[xmin, ymin, xmax,
+ymax]`` in pixels of the image as displayed (after EXIF rotation); ``width``/``height`` are
+optional on input and always written by Drip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import InputError
+
+
+@dataclass
+class ImageAnnotation:
+    file: str  # posix path relative to the image root
+    width: int | None = None
+    height: int | None = None
+    boxes: list[list[float]] = field(default_factory=list)  # [xmin, ymin, xmax, ymax] pixels
+    labels: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # format-specific facts (e.g. COCO image id)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"file": self.file}
+        if self.width is not None:
+            out["width"], out["height"] = self.width, self.height
+        out["objects"] = [
+            {"label": label, "box": [round(float(v), 3) for v in box]}
+            for box, label in zip(self.boxes, self.labels)
+        ]
+        if self.extra:
+            out["extra"] = self.extra
+        return out
+
+
+def safe_relative(name: str, source: str) -> str:
+    """``name`` as a clean posix path inside the image folder; an InputError if it would escape.
+
+    Annotation files come from anywhere: ``../../etc/passwd`` or ``/abs/path`` must never make
+    Drip read outside the folder the user pointed it at.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"{source}: image file name {name!r} is empty; give a path relative to the image folder")
+    posix = PurePosixPath(name.replace("\\", "/"))
+    if posix.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        raise InputError(
+            f"{source}: image path {name!r} is absolute; give it relative to the image folder"
+        )
+    parts = [p for p in posix.parts if p not in ("", ".")]
+    if ".." in parts or not parts:
+        raise InputError(
+            f"{source}: image path {name!r} leaves the image folder; give it relative to that folder"
+        )
+    return "/".join(parts)
+
+
+def resolve_image(root: Path, relative: str) -> Path:
+    """The image file for a ``safe_relative`` name, refusing symlinks that point outside ``root``."""
+    path = root / relative
+    try:
+        real_root = root.resolve()
+        if not path.resolve().is_relative_to(real_root):
+            raise InputError(f"{path}: resolves outside the image folder {root}; copy the file into it")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+    return path
+
+
+def read_drip_json(data: Any, source: str) -> list[ImageAnnotation]:
+    """Parse Drip JSON already loaded from ``source``; every problem names the image entry."""
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise InputError(f"{source}: expected {{\"images\": [...]}} (Drip JSON); see files/metadata.json")
+    out = []
+    for i, entry in enumerate(data["images"]):
+        where = f"{source}: images[{i}]"
+        if not isinstance(entry, dict) or "file" not in entry:
+            raise InputError(f"{where} needs a \"file\" (path relative to the image folder)")
+        objects = entry.get("objects", [])
+        if not isinstance(objects, list):
+            raise InputError(f"{where}: \"objects\" must be a list of {{\"label\", \"box\"}}")
+        ann = ImageAnnotation(file=safe_relative(entry["file"], where))
+        for key in ("width", "height"):
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise InputError(f"{where}: {key} {value!r} must be a positive integer or left out")
+        ann.width, ann.height = entry.get("width"), entry.get("height")
+        if isinstance(entry.get("extra"), dict):
+            ann.extra = entry["extra"]
+        for j, obj in enumerate(objects):
+            if not isinstance(obj, dict) or "label" not in obj or "box" not in obj:
+                raise InputError(f"{where}.objects[{j}] needs \"label\" and \"box\" [xmin, ymin, xmax, ymax]")
+            box = obj["box"]
+            if (
+                not isinstance(box, list)
+                or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+            ):
+                raise InputError(f"{where}.objects[{j}]: box {box!r} must be 4 numbers [xmin, ymin, xmax, ymax] in pixels")
+            ann.boxes.append([float(v) for v in box])
+            ann.labels.append(str(obj["label"]))
+        out.append(ann)
+    return out
+
+
+def to_drip_json(annotations: list[ImageAnnotation], **meta: Any) -> dict[str, Any]:
+    return {**meta, "images": [a.to_json() for a in annotations]}

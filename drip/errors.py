@@ -1,0 +1,34 @@
+"""Drip's error types.
+
+Every error a user can cause is a ``DripError`` whose message is one line that names the value,
+what was expected and how to fix it. The CLI prints that line and exits non-zero; anything else
+that escapes is a bug in Drip and keeps its traceback.
+"""
+
+
+class DripError(Exception):
+    """Base class: a problem the user can fix. ``str(error)`` is the whole message."""
+
+    exit_code = 2
+
+
+class ConfigError(DripError):
+    """A flag or a ``pipeline.config`` value is unknown or out of range."""
+
+
+class InputError(DripError):
+    """An image, an annotation file or a label map cannot be used as given."""
+
+
+class SessionError(DripError):
+    """The session folder is missing something a stage needs, or is in the wrong state."""
+
+
+class ModelError(DripError):
+    """A network name, weights file or exported model cannot be loaded."""
+
+
+class Interrupted(DripError):
+    """The user stopped the run (Ctrl-C or SIGTERM) after Drip saved its work."""
+
+    exit_code = 130

@@ -1,0 +1,209 @@
+"""The session folder: the contract between stages.
+
+Layout under ``--session_folder`` (default ``pipeline/``)::
+
+    dl/                       the current session
+      session.json            what ran, when, with which Drip (updated by each stage)
+      pipeline.config         the training config (commented YAML, user-editable)
+      label_map.pbtxt         class ids and names
+      split/                  train.json, eval.json (Drip JSON manifests), report.json
+      records/                train-*.tfrecord, eval-*.tfrecord, records.json
+      checkpoints/            step-XXXXXXX.pt, the newest few
+      logs/                   TensorBoard event files
+      model.pt                the exported model
+    images_augmented/         augmented training images and annotations.json
+    trash/<timestamp>/        earlier sessions, moved here instead of deleted
+    cache/                    downloaded weights, shared by all sessions
+
+Every stage takes a ``Session`` and reads and writes only the files named here, so any stage can
+be re-run alone. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SessionError
+
+
+@dataclass(frozen=True)
+class Session:
+    root: Path
+
+    @property
+    def dl(self) -> Path:
+        return self.root / "dl"
+
+    @property
+    def trash(self) -> Path:
+        return self.root / "trash"
+
+    @property
+    def images_augmented(self) -> Path:
+        return self.root / "images_augmented"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def state_path(self) -> Path:
+        return self.dl / "session.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.dl / "pipeline.config"
+
+    @property
+    def label_map_path(self) -> Path:
+        return self.dl / "label_map.pbtxt"
+
+    @property
+    def split_dir(self) -> Path:
+        return self.dl / "split"
+
+    @property
+    def train_manifest(self) -> Path:
+        return self.split_dir / "train.json"
+
+    @property
+    def eval_manifest(self) -> Path:
+        return self.split_dir / "eval.json"
+
+    @property
+    def report_path(self) -> Path:
+        return self.split_dir / "report.json"
+
+    @property
+    def augmented_manifest(self) -> Path:
+        return self.images_augmented / "annotations.json"
+
+    @property
+    def records_dir(self) -> Path:
+        return self.dl / "records"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.dl / "checkpoints"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.dl / "logs"
+
+    @property
+    def model_path(self) -> Path:
+        return self.dl / "model.pt"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.dl.is_dir()
+
+    def start_new(self) -> Path | None:
+        """Move an existing session (``dl/`` and ``images_augmented/``) to ``trash/<timestamp>/``.
+
+        Returns the trash folder it went to, or None when there was nothing to move. Nothing is
+        deleted: a name already in the trash gets a numeric suffix.
+        """
+        movable = [p for p in (self.dl, self.images_augmented) if p.exists()]
+        if not movable:
+            self.dl.mkdir(parents=True, exist_ok=True)
+            return None
+        target = _unique(self.trash / time.strftime("%Y%m%d-%H%M%S"))
+        target.mkdir(parents=True)
+        for path in movable:
+            move(path, target / path.name)
+        self.dl.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def require(self, path: Path, stage: str) -> Path:
+        """``path`` if it exists, else a SessionError saying which stage makes it."""
+        if not path.exists():
+            raise SessionError(
+                f"{path} is missing; run the {stage} stage first "
+                f"(drip stage {stage} --session_folder {self.root})"
+            )
+        return path
+
+    # -- session.json -------------------------------------------------------------------------
+    def read_state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except json.JSONDecodeError as exc:
+            raise SessionError(
+                f"{self.state_path}: not valid JSON (line {exc.lineno}); restore it from "
+                "trash or start a new session"
+            ) from None
+
+    def record_stage(self, stage: str, **facts: Any) -> None:
+        """Note in session.json that ``stage`` finished, with what it reports about itself."""
+        from . import __version__
+
+        state = self.read_state()
+        state.setdefault("drip_version", __version__)
+        state.setdefault("stages", {})[stage] = {
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **facts,
+        }
+        write_json(self.state_path, state)
+
+
+def _unique(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def move(src: Path, dst: Path) -> None:
+    """Move a file or folder; across file systems, copy fully before removing the source."""
+    try:
+        os.rename(src, dst)
+    except OSError:
+        partial = dst.with_name(dst.name + ".partial")
+        if src.is_dir():
+            shutil.copytree(src, partial, symlinks=True)
+        else:
+            shutil.copy2(src, partial)
+        os.rename(partial, dst)
+        if src.is_dir():
+            shutil.rmtree(src)
+        else:
+            src.unlink()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: readers never see half a file, a crash leaves the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file; malformed content is an InputError naming the file and line."""
+    from .errors import InputError
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found; check the path") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; save it as UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{path} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); fix it"
+        ) from None
