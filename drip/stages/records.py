@@ -1,0 +1,225 @@
+"""The records stage: the training and evaluation images as TFRecord shards.
+
+Reads  ``dl/split/train.json``, ``dl/split/eval.json``, ``images_augmented/annotations.json``
+       (written by the augment stage, empty when augmentations is 0), ``dl/label_map.pbtxt`` and
+       every image they name.
+Writes ``dl/records/train-00000-of-0000N.tfrecord`` (originals and augmented copies, shuffled
+       together with ``config.seed`` so no shard is all copies), ``eval-*-of-*.tfrecord`` (none when
+       the eval split is empty), and ``dl/records/records.json`` listing the shards and counts.
+
+Records follow the TF Object Detection API schema (``drip.tfrecord.DetectionExample``): boxes
+normalized by the image size as displayed, labels 1-based from the label map, and images stored
+upright (``drip.images.encode_for_record``), so other TFRecord readers see what the user sees.
+``records.json`` is written last: a run that stops early leaves none, and a rerun rewrites every
+shard.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import math
+import multiprocessing
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import console
+from ..config import Config
+from ..dataset import read_drip_json, resolve_image
+from ..errors import InputError, SessionError
+from ..images import encode_for_record
+from ..labelmap import LabelMap
+from ..session import Session, read_json, write_json
+from ..tfrecord import DetectionExample, TFRecordWriter, encode_example
+
+INDEX_NAME = "records.json"
+# Everything Drip itself writes in records/; nothing else there is ever deleted.
+_OWN_FILES = ("train-*-of-*.tfrecord", "eval-*-of-*.tfrecord", ".*.tmp-*")
+
+
+@dataclass
+class RecordsResult:
+    train: int  # records in the train shards (originals + augmented copies)
+    eval: int
+    train_shards: list[Path]
+    eval_shards: list[Path]
+    index: Path  # records.json
+
+
+@dataclass
+class _Entry:
+    """One image to encode, with its boxes in display pixels."""
+
+    path: Path
+    name: str  # image/filename and image/source_id
+    manifest: str  # where the entry came from, for messages
+    width: int | None  # as the manifest says, checked against the image
+    height: int | None
+    boxes: list[list[float]]
+    labels: list[int]
+    texts: list[str]
+
+
+def run(session: Session, config: Config, *, workers: int | None = None) -> RecordsResult:
+    """Write the train and eval shards and ``records.json``.
+
+    ``workers`` is the number of encoding processes (default: one per core); the shards are the
+    same for any number.
+    """
+    label_map = LabelMap.read(session.require(session.label_map_path, "split"))
+    train = _entries(session.require(session.train_manifest, "split"), label_map, "")
+    copies = _entries(
+        session.require(session.augmented_manifest, "augment"), label_map, "images_augmented/"
+    )
+    evaluation = _entries(session.require(session.eval_manifest, "split"), label_map, "")
+    pool = train + copies
+    shuffled = [pool[i] for i in np.random.default_rng(config.seed).permutation(len(pool))]
+
+    out = session.records_dir
+    out.mkdir(parents=True, exist_ok=True)
+    index = out / INDEX_NAME
+    index.unlink(missing_ok=True)
+    # Shards of an earlier run with another images_per_shard would not be overwritten by name
+    # and would be read as extra data; they are Drip's derived files, so they go.
+    for path in out.iterdir():
+        if path.is_file() and any(fnmatch.fnmatchcase(path.name, p) for p in _OWN_FILES):
+            path.unlink()
+
+    per_shard = config.images_per_shard
+    with _encoder(workers or _cores(), len(shuffled) + len(evaluation)) as encode:
+        train_shards = _write_split("train", shuffled, out, per_shard, encode)
+        eval_shards = _write_split("eval", evaluation, out, per_shard, encode)
+
+    write_json(
+        index,
+        {
+            "train": {
+                "shards": [p.name for p in train_shards],
+                "count": len(shuffled),
+                "originals": len(train),
+                "copies": len(copies),
+            },
+            "eval": {"shards": [p.name for p in eval_shards], "count": len(evaluation)},
+            "classes": list(label_map.names),
+            "images_per_shard": per_shard,
+        },
+    )
+    session.record_stage(
+        "records",
+        train=len(shuffled),
+        eval=len(evaluation),
+        shards={"train": len(train_shards), "eval": len(eval_shards)},
+    )
+    console.info(
+        f"records: {len(shuffled)} training images ({len(copies)} augmented) in "
+        f"{len(train_shards)} shards, {len(evaluation)} eval images in {len(eval_shards)} shards"
+    )
+    return RecordsResult(len(shuffled), len(evaluation), train_shards, eval_shards, index)
+
+
+def _entries(manifest: Path, label_map: LabelMap, prefix: str) -> list[_Entry]:
+    """The images of a Drip JSON manifest; ``prefix`` goes before each stored file name."""
+    data = read_json(manifest)
+    annotations = read_drip_json(data, str(manifest))
+    root = data.get("image_root")
+    if not isinstance(root, str) or not Path(root).is_dir():
+        raise SessionError(
+            f"{manifest}: image_root {root!r} is not a folder; rerun the stage that wrote it"
+        )
+    ids = label_map.ids
+    entries = []
+    for ann in annotations:
+        for label in ann.labels:
+            if label not in ids:
+                raise SessionError(
+                    f"{manifest}: {ann.file} has label {label!r}, which is not in the label map "
+                    f"({', '.join(label_map.names)}); rerun the split stage so they agree"
+                )
+        entries.append(
+            _Entry(
+                path=resolve_image(Path(root), ann.file),
+                name=prefix + ann.file,
+                manifest=str(manifest),
+                width=ann.width,
+                height=ann.height,
+                boxes=ann.boxes,
+                labels=[ids[label] for label in ann.labels],
+                texts=list(ann.labels),
+            )
+        )
+    return entries
+
+
+def _encode_entry(entry: _Entry) -> bytes:
+    """The serialized ``tf.train.Example`` of one image. Runs in the pool's worker processes."""
+    encoded, fmt, width, height = encode_for_record(entry.path)
+    if entry.width is not None and (entry.width, entry.height) != (width, height):
+        raise InputError(
+            f"{entry.path}: is {width}x{height} as displayed but {entry.manifest} says "
+            f"{entry.width}x{entry.height}; the image changed after the split, rerun the split stage"
+        )
+    boxes, labels, texts = [], [], []
+    for box, label, text in zip(entry.boxes, entry.labels, entry.texts):
+        x0, y0, x1, y1 = (
+            min(max(v / size, 0.0), 1.0)
+            for v, size in zip(box, (width, height, width, height))
+        )
+        # torchvision's detectors reject boxes without area; after clipping, such a box marks
+        # nothing in the image.
+        if x1 > x0 and y1 > y0:
+            boxes.append((x0, y0, x1, y1))
+            labels.append(label)
+            texts.append(text)
+    return encode_example(
+        DetectionExample(
+            encoded=encoded,
+            format=fmt,
+            filename=entry.name,
+            source_id=entry.name,
+            width=width,
+            height=height,
+            boxes=boxes,
+            labels=labels,
+            texts=texts,
+        )
+    )
+
+
+@contextmanager
+def _encoder(workers: int, total: int):
+    """A function mapping entries to encoded records, in order, on ``workers`` processes."""
+    workers = max(1, min(workers, total))
+    if workers == 1:
+        yield lambda entries: map(_encode_entry, entries)
+        return
+    # spawn, not fork: a forked child inherits the parent's threads' locks (PyTorch, OpenCV).
+    context = multiprocessing.get_context("spawn")
+    chunk = max(1, min(32, total // (workers * 4)))
+    with context.Pool(workers) as pool:
+        yield lambda entries: pool.imap(_encode_entry, entries, chunksize=chunk)
+
+
+def _write_split(split: str, entries: list[_Entry], out: Path, per_shard: int, encode) -> list[Path]:
+    count = math.ceil(len(entries) / per_shard)
+    paths = [out / f"{split}-{i:05d}-of-{count:05d}.tfrecord" for i in range(count)]
+    if not paths:
+        return []
+    payloads = iter(encode(entries))
+    with console.progress(total=len(entries), desc=f"records {split}") as bar:
+        for path in paths:
+            with TFRecordWriter(path) as writer:
+                for payload in itertools.islice(payloads, per_shard):
+                    writer.write(payload)
+                    bar.update()
+    return paths
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
