@@ -8,8 +8,10 @@ Three formats are accepted and told apart by their content, not their names:
 * Drip's own JSON (``{"images": [{"file": ...}]}``, see ``drip.dataset``).
 
 ``load_annotations`` only reads: it never opens an image and never judges a box. Whether an image
-decodes and whether a box lies inside it is the split stage's business, which has the decoded
-image size to judge by. What is refused here is what cannot be parsed (wrong types, missing keys,
+exists, decodes and whether a box lies inside it is the split stage's business, which has the
+decoded image size to judge by and the ``on_bad_image`` policy to apply, so a missing image is
+handled alike in all three formats (a VOC image that is not found is returned under its
+``<filename>``). What is refused here is what cannot be parsed (wrong types, missing keys,
 unknown ids, paths that leave the image folder); what is dropped or changed while reading
 (crowd regions) is returned in ``Annotations.notes`` for the split report.
 
@@ -19,14 +21,15 @@ folder to find images by name. Writes nothing.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .dataset import ImageAnnotation, read_drip_json, safe_relative
+from .dataset import ImageAnnotation, as_float, encodable, is_number, read_drip_json, safe_relative
 from .errors import InputError
-from .session import read_json
 
 ACCEPTED = (
     "a COCO instances .json (with \"images\", \"annotations\", \"categories\"), "
@@ -54,7 +57,7 @@ def load_annotations(src: Path, image_root: Path) -> Annotations:
         raise InputError(f"{src}: annotations not found; check --src_json_path (expected {ACCEPTED})")
     if src.suffix.lower() != ".json":
         raise InputError(f"{src}: not an annotation format Drip reads; give {ACCEPTED}")
-    data = read_json(src)
+    data = _read_json(src)
     if isinstance(data, dict) and "annotations" in data and "categories" in data:
         return _read_coco(data, str(src))
     if isinstance(data, dict) and isinstance(data.get("images"), list):
@@ -71,13 +74,48 @@ def load_annotations(src: Path, image_root: Path) -> Annotations:
     raise InputError(f"{src}: found {shape}, which is no annotation format Drip reads; give {ACCEPTED}")
 
 
+def _read_json(src: Path) -> Any:
+    """The parsed file; every way it can fail is an InputError naming it (and the line if known)."""
+    try:
+        raw = src.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{src}: cannot be read ({exc.strerror or exc}); check --src_json_path") from None
+    if not raw.strip():
+        raise InputError(f"{src}: the annotation file is empty; export the annotations again")
+    try:
+        text = raw.decode("utf-8-sig")  # Windows tools often start UTF-8 files with a BOM
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{src}: not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON") from None
+    del raw
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{src} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); fix it") from None
+    except RecursionError:
+        raise InputError(f"{src}: JSON nested too deeply to be annotations; export the annotations again") from None
+    except ValueError as exc:  # not a JSONDecodeError: an integer over Python's 4300-digit limit
+        raise InputError(f"{src}: invalid JSON ({exc}); export the annotations again") from None
+    # "\ud800" is valid JSON but no file name, label or output file can hold a lone surrogate;
+    # check the parsed data only when the text has such escapes (emoji are written as pairs).
+    if _SURROGATE_ESCAPE.search(text) and not encodable(json.dumps(data, ensure_ascii=False)):
+        raise InputError(
+            f"{src}: a string holds an unpaired \\uD800-\\uDFFF escape, which is no character; fix the exporter's output"
+        )
+    return data
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 # -- Drip JSON ------------------------------------------------------------------------------------
 def _read_drip(data: dict[str, Any], source: str) -> Annotations:
     images = read_drip_json(data, source)
     # A manifest written by Drip lists its classes, including ones with no box left in it; keep
     # that order so re-reading a manifest gives the same ids.
     declared = data.get("classes")
-    classes = [c for c in declared if isinstance(c, str)] if isinstance(declared, list) else []
+    declared = declared if isinstance(declared, list) else []
+    # Stripped and unique like the labels, or a hand-edited list could give one class two ids.
+    classes = list(dict.fromkeys(c.strip() for c in declared if isinstance(c, str) and c.strip()))
     for i, image in enumerate(images):
         for j, label in enumerate(image.labels):
             clean = label.strip()
@@ -137,13 +175,16 @@ def _read_coco(data: dict[str, Any], source: str) -> Annotations:
         if not isinstance(ann, dict):
             raise InputError(f"{source}: annotations[{i}] must be an object, found {type(ann).__name__}")
         where = f"{source}: annotation id {ann['id']!r}" if "id" in ann else f"{source}: annotations[{i}]"
-        image = by_image_id.get(ann.get("image_id"))
+        # Ids are looked up in dicts: a list or object as an id is a mistake, not a TypeError.
+        image_id = ann.get("image_id")
+        image = by_image_id.get(image_id) if isinstance(image_id, (int, float, str)) else None
         if image is None:
             raise InputError(
                 f"{where}: image_id {ann.get('image_id')!r} is not in \"images\"; "
                 "add the image or remove the annotation"
             )
-        if ann.get("category_id") not in names_by_id:
+        category_id = ann.get("category_id")
+        if not isinstance(category_id, (int, float, str)) or category_id not in names_by_id:
             raise InputError(
                 f"{where}: category_id {ann.get('category_id')!r} is not in \"categories\" "
                 f"(ids {sorted(names_by_id)}); add the category or fix the id"
@@ -155,13 +196,9 @@ def _read_coco(data: dict[str, Any], source: str) -> Annotations:
             notes.append({"file": image.file, "problem": problem, "action": "left out"})
             continue
         bbox = ann.get("bbox")
-        if (
-            not isinstance(bbox, list)
-            or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
-        ):
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
             raise InputError(f"{where}: bbox {bbox!r} must be 4 numbers [x, y, width, height] in pixels")
-        x, y, w, h = (float(v) for v in bbox)
+        x, y, w, h = (as_float(v) for v in bbox)
         image.boxes.append([x, y, x + w, y + h])
         image.labels.append(names_by_id[ann["category_id"]])
 
@@ -225,7 +262,8 @@ def _read_voc_folder(folder: Path, image_root: Path) -> Annotations:
             root = etree.parse(str(xml), parser).getroot()
         except etree.XMLSyntaxError as exc:
             line = exc.position[0] if exc.position else exc.lineno
-            raise InputError(f"{xml} line {line}: malformed XML ({exc.msg}); fix or remove the file") from None
+            reason = " ".join(str(exc.msg).split())  # libxml2 messages can hold newlines
+            raise InputError(f"{xml} line {line}: malformed XML ({reason}); fix or remove the file") from None
         if root.tag != "annotation":
             problem = f"root element <{root.tag}> is not a Pascal VOC <annotation>"
             notes.append({"file": str(xml), "problem": problem, "action": "file ignored"})
@@ -300,9 +338,9 @@ def _locate_voc_image(
             f"{xml}: image {filename!r} matches several files under {image_root} "
             f"({', '.join(found[:5])}); set <folder> so '<folder>/<filename>' names one"
         )
-    raise InputError(
-        f"{xml}: image {filename!r} not found under {image_root}; check --image_folder_path or the <filename>"
-    )
+    # Not found: returned as named, so the split reports it like a missing image in COCO or Drip
+    # JSON (left out and reported, or an error with on_bad_image: fail) instead of refusing here.
+    return name
 
 
 def _text(element, tag: str) -> str:

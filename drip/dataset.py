@@ -19,6 +19,7 @@ optional on input and always written by Drip.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -56,6 +57,9 @@ def safe_relative(name: str, source: str) -> str:
     """
     if not isinstance(name, str) or not name.strip():
         raise InputError(f"{source}: image file name {name!r} is empty; give a path relative to the image folder")
+    # No file system stores these; left in, they fail later as a ValueError deep in os.stat.
+    if "\x00" in name or not encodable(name):
+        raise InputError(f"{source}: image file name {name!r} has a NUL or an unpaired surrogate; fix the name")
     posix = PurePosixPath(name.replace("\\", "/"))
     if posix.is_absolute() or (len(name) > 1 and name[1] == ":"):
         raise InputError(
@@ -69,6 +73,14 @@ def safe_relative(name: str, source: str) -> str:
     return "/".join(parts)
 
 
+def encodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def resolve_image(root: Path, relative: str) -> Path:
     """The image file for a ``safe_relative`` name, refusing symlinks that point outside ``root``."""
     path = root / relative
@@ -77,8 +89,25 @@ def resolve_image(root: Path, relative: str) -> Path:
         if not path.resolve().is_relative_to(real_root):
             raise InputError(f"{path}: resolves outside the image folder {root}; copy the file into it")
     except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # NUL or unencodable characters, from a name safe_relative never saw
+        raise InputError(f"{path!r}: not a usable file name ({exc}); fix the name") from None
     return path
+
+
+def as_float(value: int | float) -> float:
+    """A JSON number as a float; an integer too large for one is infinite, as the split sees it.
+
+    ``float(10**400)`` raises OverflowError, and JSON allows such integers.
+    """
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_drip_json(data: Any, source: str) -> list[ImageAnnotation]:
@@ -105,14 +134,15 @@ def read_drip_json(data: Any, source: str) -> list[ImageAnnotation]:
             if not isinstance(obj, dict) or "label" not in obj or "box" not in obj:
                 raise InputError(f"{where}.objects[{j}] needs \"label\" and \"box\" [xmin, ymin, xmax, ymax]")
             box = obj["box"]
-            if (
-                not isinstance(box, list)
-                or len(box) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
-            ):
+            if not isinstance(box, list) or len(box) != 4 or not all(is_number(v) for v in box):
                 raise InputError(f"{where}.objects[{j}]: box {box!r} must be 4 numbers [xmin, ymin, xmax, ymax] in pixels")
-            ann.boxes.append([float(v) for v in box])
-            ann.labels.append(str(obj["label"]))
+            label = obj["label"]
+            # A class id written as a number is a name too; null, a list or an object is a mistake
+            # that str() would turn into a class called "None" or "[...]".
+            if not isinstance(label, (str, int)) or isinstance(label, bool):
+                raise InputError(f"{where}.objects[{j}]: label {label!r} must be a class name (a string)")
+            ann.boxes.append([as_float(v) for v in box])
+            ann.labels.append(str(label))
         out.append(ann)
     return out
 

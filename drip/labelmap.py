@@ -52,7 +52,7 @@ class LabelMap:
     def to_text(self) -> str:
         items = []
         for i, name in enumerate(self.names, start=1):
-            escaped = name.replace("\\", "\\\\").replace("'", "\\'")
+            escaped = name.translate(_ESCAPE)
             items.append(f"item {{\n  id: {i}\n  name: '{escaped}'\n}}\n")
         return "\n".join(items)
 
@@ -82,6 +82,8 @@ class LabelMap:
             class_id, name = item["id"], item["name"]
             if not isinstance(class_id, int) or class_id < 1:
                 raise InputError(f"{source} line {line}: id {class_id!r} must be an integer >= 1")
+            if not isinstance(name, str) or not name.strip():
+                raise InputError(f"{source} line {line}: name {name!r} must be a non-empty quoted string, e.g. name: 'cat'")
             if class_id in by_id:
                 raise InputError(f"{source} line {line}: id {class_id} is used twice; ids must be unique")
             if name in by_id.values():
@@ -135,6 +137,12 @@ def _parse_items(text: str, source: str) -> list[tuple[int, dict]]:
     return items
 
 
+# A string token cannot span lines, so a newline in a name must be written as an escape; these
+# are the C escapes TF's text format uses.
+_ESCAPE = str.maketrans({"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r"})
+_UNESCAPE = {"n": "\n", "r": "\r", "t": "\t"}
+
+
 def _unquote(token: str) -> str:
     body = token[1:-1]
-    return re.sub(r"\\(.)", r"\1", body)
+    return re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), body)

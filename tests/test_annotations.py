@@ -166,13 +166,15 @@ def test_voc_ambiguous_file_name_lists_both_files(images, tmp_path):
     assert [a.file for a in load_annotations(xml_dir, root).images] == ["set_b/img_0000.jpg"]
 
 
-def test_voc_missing_image_names_the_xml_and_file(images, tmp_path):
+def test_voc_missing_image_is_returned_as_named_for_the_split_to_judge(images, tmp_path):
+    # As in COCO and Drip JSON, whether a missing image is skipped or an error is on_bad_image's
+    # call, made in the split (tests/test_bad_input.py); the reader only says which file it meant.
     root, _ = images
     xml_dir = tmp_path / "voc"
     xml_dir.mkdir()
-    (xml_dir / "a.xml").write_text(_voc_xml("nowhere.jpg", [("circle", (1, 1, 5, 5))]))
-    with pytest.raises(InputError, match=r"a\.xml: image 'nowhere\.jpg' not found under"):
-        load_annotations(xml_dir, root)
+    (xml_dir / "a.xml").write_text(_voc_xml("nowhere.jpg", [("circle", (1, 1, 5, 5))], folder="/home/x/pics"))
+    (image,) = load_annotations(xml_dir, root).images
+    assert (image.file, image.labels) == ("nowhere.jpg", ["circle"])
 
 
 def test_voc_malformed_xml_names_file_and_line(images, tmp_path):

@@ -11,7 +11,14 @@ under ``image_folder_path``, and the optional ``class_map_path``. Writes, in the
 
 Nothing the user gave is modified. Images whose boxes were all unusable, and images that had no
 boxes to begin with, are kept as background images: they still teach the detector what is not an
-object, which is how it learns not to fire on empty scenes.
+object, which is how it learns not to fire on empty scenes. Image files in the folder that no
+annotation names are not used (unlabelled is not the same as empty) and are counted in one report
+entry.
+
+What goes wrong with the input is handled here, before any other stage runs: every image is
+decoded (an unusable one is left out and reported, or is an error with ``on_bad_image: fail``),
+every box is checked against the decoded size (clipped or dropped, and reported), and file names
+that would lead outside the image folder, symlinks included, are refused.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from ..annotations import Annotations, load_annotations
 from ..config import Config
 from ..dataset import ImageAnnotation, resolve_image, to_drip_json
 from ..errors import InputError
-from ..images import open_rgb
+from ..images import is_image_file, open_rgb
 from ..labelmap import LabelMap
 from ..session import Session, write_json
 
@@ -61,6 +68,7 @@ def run(session: Session, config: Config) -> SplitResult:
         raise InputError(f"{src}: lists no images; annotate some images, or check --src_json_path")
     notes = list(annotations.notes)
     _refuse_duplicates(annotations.images, src)
+    _note_unlisted(image_root, annotations.images, notes)
 
     class_map = None
     if config.class_map_path:
@@ -138,6 +146,30 @@ def _refuse_duplicates(images: list[ImageAnnotation], src: Path) -> None:
         )
 
 
+def _note_unlisted(root: Path, images: list[ImageAnnotation], notes: list[dict]) -> None:
+    """One note for the image files under ``root`` that no annotation names.
+
+    They are not used: an image nobody annotated may well show objects, and training on it as
+    background would teach the detector to miss them. An image listed with no boxes is the way
+    to say "nothing here".
+    """
+    listed = {image.file for image in images}
+    unlisted = []
+    for folder, _, files in os.walk(root):  # does not follow symlinked folders
+        for name in files:
+            relative = Path(folder, name).relative_to(root).as_posix()
+            if is_image_file(Path(name)) and relative not in listed:
+                unlisted.append(relative)
+    if unlisted:
+        unlisted.sort()
+        examples = ", ".join(unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+        notes.append({
+            "file": str(root),
+            "problem": f"{len(unlisted)} image files in the image folder are in no annotation ({examples})",
+            "action": "not used; to train on one as background (nothing to detect), list it with no boxes",
+        })
+
+
 def _first_left_out(notes: list[dict]) -> str:
     left_out = [note["problem"] for note in notes if note["action"] == "image left out"]
     return left_out[0] if left_out else "no images listed"
@@ -164,6 +196,8 @@ def _measure(root: Path, image: ImageAnnotation) -> tuple[int, int] | InputError
             return img.size
     except InputError as exc:
         return exc
+    except OSError as exc:  # is_file() on a name the OS refuses (too long, say)
+        return InputError(f"{root / image.file}: cannot be read ({exc.strerror or exc}); check the file name")
 
 
 def _check_images(
