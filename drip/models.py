@@ -1,0 +1,580 @@
+"""The detectors Drip trains, how they are built from a starting point, and the model file.
+
+``NETWORKS`` is a plain dict of torchvision detection builders with what Drip needs to know about
+each: the family, the tuned learning rate (per image, so it scales with the batch), the COCO and
+ImageNet weights, and which sub-module is the class-specific head to re-size for a label map.
+
+``build_model`` makes a network ready to train from ``coco`` (the whole detector pretrained on
+COCO, downloaded by torchvision into the session's cache), ``imagenet`` (backbone only), ``none``
+(from scratch) or a state_dict file, or continues from a model file exported by Drip.
+
+The model file (``model.pt``) holds plain types and tensors only and is read with
+``torch.load(weights_only=True)``: loading a model never runs code from the file. Alongside the
+weights it records what is needed to rebuild the network offline: the architecture name, the class
+names, the image size, the training config and which layers torchvision froze for the starting
+point (frozen BatchNorm and frozen parameters), so a model trained from COCO weights is rebuilt
+without downloading them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
+from torchvision.models import detection as tvd
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from . import console
+from .errors import ConfigError, ModelError
+
+MODEL_FORMAT = "drip-model"
+MODEL_VERSION = 1
+START_POINTS = ("coco", "imagenet", "none")
+
+# Learning rates from torchvision's references/detection (README.md and train.py), expressed per
+# image because the reference recipes ran on 8 GPUs: train.py's default --lr 0.02 is "for 8 GPUs
+# and 2 images per GPU" (Faster R-CNN recipes); RetinaNet and FCOS use --lr 0.01 at the same
+# 16 images; SSDlite uses --lr 0.15 with --batch-size 24 per GPU on 8 GPUs (192 images).
+_FASTER_RCNN_LR = 0.02 / 16
+_RETINANET_LR = 0.01 / 16
+_FCOS_LR = 0.01 / 16
+_SSDLITE_LR = 0.15 / (8 * 24)
+# AdamW has no torchvision detection recipe; 1e-4 at 16 images is the common fine-tuning value
+# (DETR-style), scaled by the square root of the batch, the usual rule for Adam-type optimizers.
+_ADAMW_LR_AT_16 = 1e-4
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """What Drip knows about one torchvision detector."""
+
+    builder: Callable[..., nn.Module]
+    family: str  # "fasterrcnn", "retinanet", "fcos" or "ssd"
+    coco: Any  # torchvision weights enum member of the whole detector
+    backbone: Any  # torchvision weights enum member of the ImageNet backbone
+    lr_per_image: float  # SGD learning rate for one image; lr = lr_per_image * batch_size
+    head: str  # dotted path of the class-specific sub-module, replaced for a new class count
+    # torchvision swaps the backbone's BatchNorm for FrozenBatchNorm2d when it starts from
+    # pretrained weights: batches of a few images would wreck the pretrained statistics.
+    freezes_norm: bool
+    # Whether the network resizes every image to a fixed square (SSD) rather than keeping the
+    # aspect ratio (R-CNN, RetinaNet, FCOS); either way ``image_size`` sets the size.
+    fixed_size: bool
+    about: str
+
+
+NETWORKS: dict[str, NetworkSpec] = {
+    "fasterrcnn_mobilenet_v3_large_fpn": NetworkSpec(
+        tvd.fasterrcnn_mobilenet_v3_large_fpn, "fasterrcnn",
+        tvd.FasterRCNN_MobileNet_V3_Large_FPN_Weights.DEFAULT, MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        _FASTER_RCNN_LR, "roi_heads.box_predictor", True, False,
+        "Faster R-CNN, MobileNetV3-Large FPN: fast on a CPU, good on a GPU (COCO box AP 32.8)",
+    ),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": NetworkSpec(
+        tvd.fasterrcnn_mobilenet_v3_large_320_fpn, "fasterrcnn",
+        tvd.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.DEFAULT, MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        _FASTER_RCNN_LR, "roi_heads.box_predictor", True, False,
+        "Faster R-CNN, MobileNetV3-Large FPN tuned for 320 px: the fastest (COCO box AP 22.8)",
+    ),
+    "fasterrcnn_resnet50_fpn": NetworkSpec(
+        tvd.fasterrcnn_resnet50_fpn, "fasterrcnn",
+        tvd.FasterRCNN_ResNet50_FPN_Weights.DEFAULT, ResNet50_Weights.IMAGENET1K_V1,
+        _FASTER_RCNN_LR, "roi_heads.box_predictor", True, False,
+        "Faster R-CNN, ResNet-50 FPN: the classic baseline (COCO box AP 37.0)",
+    ),
+    "fasterrcnn_resnet50_fpn_v2": NetworkSpec(
+        tvd.fasterrcnn_resnet50_fpn_v2, "fasterrcnn",
+        tvd.FasterRCNN_ResNet50_FPN_V2_Weights.DEFAULT, ResNet50_Weights.IMAGENET1K_V1,
+        _FASTER_RCNN_LR, "roi_heads.box_predictor", False, False,
+        "Faster R-CNN v2, ResNet-50 FPN: the most accurate, wants a GPU (COCO box AP 46.7)",
+    ),
+    "retinanet_resnet50_fpn_v2": NetworkSpec(
+        tvd.retinanet_resnet50_fpn_v2, "retinanet",
+        tvd.RetinaNet_ResNet50_FPN_V2_Weights.DEFAULT, ResNet50_Weights.IMAGENET1K_V1,
+        _RETINANET_LR, "head.classification_head", False, False,
+        "RetinaNet v2, ResNet-50 FPN: one-stage (COCO box AP 41.5)",
+    ),
+    "fcos_resnet50_fpn": NetworkSpec(
+        tvd.fcos_resnet50_fpn, "fcos",
+        tvd.FCOS_ResNet50_FPN_Weights.DEFAULT, ResNet50_Weights.IMAGENET1K_V1,
+        _FCOS_LR, "head.classification_head", True, False,
+        "FCOS, ResNet-50 FPN: one-stage, anchor-free (COCO box AP 39.2)",
+    ),
+    "ssdlite320_mobilenet_v3_large": NetworkSpec(
+        tvd.ssdlite320_mobilenet_v3_large, "ssd",
+        tvd.SSDLite320_MobileNet_V3_Large_Weights.DEFAULT, MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        _SSDLITE_LR, "head.classification_head", False, True,
+        "SSDlite, MobileNetV3-Large: square input, made for 320 px and phones (COCO box AP 21.3)",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model file turned back into a ready detector (in eval mode, on its device)."""
+
+    model: nn.Module
+    classes: list[str]  # names, class id 1 first
+    image_size: int
+    network: str
+    meta: dict[str, Any]  # everything else in the file except the weights (config, step, ...)
+
+
+# -- lookups ----------------------------------------------------------------------------------
+def get_spec(network: str) -> NetworkSpec:
+    """The registry entry for ``network``; a ModelError listing the known ones if it has none."""
+    spec = NETWORKS.get(str(network).strip().lower())
+    if spec is not None:
+        return spec
+    close = difflib.get_close_matches(str(network).strip().lower(), list(NETWORKS), n=1, cutoff=0.4)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ModelError(
+        f"--network {network!r} is not a network Drip knows; {hint}available: "
+        f"{', '.join(NETWORKS)} (or the path of a model file exported by Drip)"
+    )
+
+
+def model_file(network: str) -> Path | None:
+    """The model file that ``--network`` names, or None when it names a registry network."""
+    if str(network).strip().lower() in NETWORKS:
+        return None
+    path = Path(network).expanduser()
+    if path.is_file():
+        return path
+    if "/" in str(network) or "\\" in str(network) or path.suffix.lower() in (".pt", ".pth"):
+        raise ModelError(
+            f"--network {network}: no such model file; check the path, or give a network name "
+            f"({', '.join(NETWORKS)})"
+        )
+    return None
+
+
+def network_name(network: str) -> str:
+    """The architecture behind ``--network``: the name itself, or the one a model file records."""
+    path = model_file(network)
+    if path is None:
+        get_spec(network)
+        return str(network).strip().lower()
+    return read_model_file(path, "--network")["network"]
+
+
+def default_learning_rate(network: str, batch_size: int, optimizer: str = "sgd") -> float:
+    """The tuned peak learning rate of ``network`` for ``batch_size`` images a step."""
+    if optimizer == "adamw":
+        return _ADAMW_LR_AT_16 * math.sqrt(batch_size / 16)
+    return get_spec(network_name(network)).lr_per_image * batch_size
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when PyTorch sees a GPU, else the CPU; a named device must exist."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "--device cuda: PyTorch sees no GPU here (is the container started with GPU access?); "
+                "use --device cpu or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {name}: there are only {torch.cuda.device_count()} GPUs; use cuda or cuda:0"
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name!r}: Drip runs on cpu or cuda; use auto, cpu or cuda")
+    return device
+
+
+# -- building ---------------------------------------------------------------------------------
+def build_model(
+    network: str,
+    num_classes: int,
+    weights: str = "none",
+    image_size: int = 640,
+    cache_dir: Path | None = None,
+) -> nn.Module:
+    """A detector for ``num_classes`` classes (background included: label-map size + 1).
+
+    ``network`` is a registry name or a Drip model file (its architecture and weights are the
+    start point; ``weights`` is then ignored). ``weights`` is ``coco``, ``imagenet``, ``none`` or
+    the path of a state_dict file. COCO and ImageNet weights are downloaded by torchvision into
+    ``cache_dir/hub`` (kept between sessions).
+    """
+    if num_classes < 2:
+        raise ModelError(f"num_classes={num_classes}: a detector needs the background and at least one class")
+    path = model_file(network)
+    if path is not None:
+        model = _from_model_file(path, num_classes)
+    else:
+        name = str(network).strip().lower()
+        spec = get_spec(name)
+        start = str(weights).strip()
+        if start.lower() in ("coco", "imagenet"):
+            model = _pretrained(spec, name, num_classes, start.lower(), cache_dir)
+        elif start.lower() == "none":
+            model = _skeleton(spec, num_classes)
+        else:
+            model = _from_state_dict(spec, name, num_classes, Path(start).expanduser())
+    set_image_size(model, image_size)
+    return model
+
+
+def set_image_size(model: nn.Module, image_size: int) -> None:
+    """Make the detector's own transform keep images whose longer side is ``image_size``.
+
+    torchvision resizes every input again to ``min_size``/``max_size``; set to the size the data
+    is already resized to, that step keeps the image as it is. SSD's fixed square follows too:
+    its default boxes are relative to the image, so another size works without retraining anchors.
+    """
+    transform = model.transform
+    transform.min_size = (int(image_size),)
+    transform.max_size = int(image_size)
+    if getattr(transform, "fixed_size", None) is not None:
+        transform.fixed_size = (int(image_size), int(image_size))
+
+
+def _skeleton(spec: NetworkSpec, num_classes: int) -> nn.Module:
+    return spec.builder(weights=None, weights_backbone=None, num_classes=num_classes)
+
+
+def _pretrained(spec: NetworkSpec, name: str, num_classes: int, start: str, cache_dir: Path | None) -> nn.Module:
+    if start == "imagenet" and spec.family == "ssd":
+        # With an ImageNet backbone torchvision builds SSDlite's full MobileNet tail, without it
+        # the reduced one; Drip could not rebuild that model offline for inference.
+        raise ModelError(
+            f"--weights imagenet is not offered for {name}; use --weights coco (recommended) or none"
+        )
+    if start == "coco":
+        kwargs = {"weights": spec.coco, "weights_backbone": None}
+        what = "COCO"
+    else:
+        kwargs = {"weights": None, "weights_backbone": spec.backbone, "num_classes": num_classes}
+        what = "ImageNet"
+    try:
+        with _hub_dir(cache_dir):
+            model = spec.builder(**kwargs)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a hash mismatch a RuntimeError
+        where = f" into {Path(cache_dir) / 'hub'}" if cache_dir is not None else ""
+        raise ModelError(
+            f"could not download {what} weights for {name}{where} ({_first_line(exc)}); check the "
+            "network, or pass --weights none to train from scratch, or --weights PATH to a state_dict file"
+        ) from None
+    if start == "coco":
+        _replace_head(model, spec, num_classes)
+    return model
+
+
+@contextlib.contextmanager
+def _hub_dir(cache_dir: Path | None) -> Iterator[None]:
+    """Point torchvision's downloads at ``cache_dir/hub`` (as TORCH_HOME=cache_dir would), then back."""
+    if cache_dir is None:
+        yield
+        return
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(Path(cache_dir) / "hub"))
+    try:
+        yield
+    finally:
+        torch.hub.set_dir(previous)
+
+
+def _replace_head(model: nn.Module, spec: NetworkSpec, num_classes: int) -> None:
+    """Give ``model`` a freshly initialised class head for ``num_classes``.
+
+    The head comes from the same builder, so it has torchvision's own layout and initialisation
+    (e.g. RetinaNet's prior-probability bias) for every family.
+    """
+    fresh = _skeleton(spec, num_classes)
+    parent_path, _, attr = spec.head.rpartition(".")
+    setattr(model.get_submodule(parent_path), attr, fresh.get_submodule(spec.head))
+
+
+def _from_state_dict(spec: NetworkSpec, name: str, num_classes: int, path: Path) -> nn.Module:
+    if not path.is_file():
+        raise ModelError(
+            f"--weights {path}: not one of {', '.join(START_POINTS)} and no such file; check the path"
+        )
+    loaded = torch_load(path, "--weights")
+    if isinstance(loaded, dict) and loaded.get("format") == MODEL_FORMAT:
+        raise ModelError(f"--weights {path}: this is a model exported by Drip; pass it as --network {path} instead")
+    state = _state_dict_in(loaded)
+    if state is None:
+        raise ModelError(
+            f"--weights {path}: not a state_dict (a dict of tensors); save one with "
+            "torch.save(model.state_dict(), path)"
+        )
+    model = _skeleton(spec, num_classes)
+    if spec.freezes_norm:
+        # A state_dict file is pretrained weights: keep its BatchNorm statistics as torchvision
+        # does for its own pretrained starting points.
+        freeze_norms(model.backbone.body)
+    load_matching(model, state, f"--weights {path}", name)
+    return model
+
+
+def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
+    def is_state(value):
+        return isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values())
+
+    if is_state(obj):
+        return obj
+    # Training checkpoints (torchvision references, Lightning, ...) keep it under one of these.
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and is_state(obj.get(key)):
+            console.info(f"using the state_dict under {key!r} in the weights file")
+            return obj[key]
+    return None
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str, network: str) -> None:
+    """Load the tensors of ``state`` that fit ``model``; report the ones skipped (the class head)."""
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not fits:
+        raise ModelError(
+            f"{source}: none of its {len(state)} tensors fit {network}; is it the state_dict of "
+            "another network? pass that network as --network"
+        )
+    model.load_state_dict(fits, strict=False)
+    counter = "num_batches_tracked"  # BatchNorm bookkeeping, absent from frozen norms: not a weight
+    skipped = [k for k in state if k in own and k not in fits]
+    missing = [k for k in own if k not in state and not k.endswith(counter)]
+    unused = [k for k in state if k not in own and not k.endswith(counter)]
+    if skipped:
+        console.info(
+            f"{source}: skipped {len(skipped)} tensors whose shape differs here, so they start "
+            f"fresh (the class head when the class count differs): {_names(skipped)}"
+        )
+    if missing:
+        console.info(f"{source}: {len(missing)} tensors of {network} are not in the file and start fresh: {_names(missing)}")
+    if unused:
+        console.info(f"{source}: {len(unused)} tensors in the file are not part of {network}: {_names(unused)}")
+
+
+def _from_model_file(path: Path, num_classes: int) -> nn.Module:
+    meta = read_model_file(path, "--network")
+    spec = get_spec(meta["network"])
+    model = restore(meta["network"], meta["num_classes"], meta["structure"], meta["state_dict"], f"--network {path}")
+    if meta["num_classes"] != num_classes:
+        _replace_head(model, spec, num_classes)
+        console.info(
+            f"--network {path}: trained for {meta['num_classes'] - 1} classes, this session has "
+            f"{num_classes - 1}: the class head starts fresh, the rest continues"
+        )
+    return model
+
+
+# -- structure: what torchvision froze for the starting point ---------------------------------
+def structure_of(model: nn.Module) -> dict[str, Any]:
+    """The frozen norms and frozen parameters of ``model``, as plain types."""
+    return {
+        "frozen_norms": {name: float(m.eps) for name, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)},
+        "frozen_params": [name for name, p in model.named_parameters() if not p.requires_grad],
+    }
+
+
+def apply_structure(model: nn.Module, structure: dict[str, Any], source: str) -> None:
+    """Freeze the norms and parameters ``structure_of`` recorded, on a freshly built network."""
+    for name, eps in structure.get("frozen_norms", {}).items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ModelError(
+                f"{source}: layer {name!r} does not exist in this torchvision's network; use the "
+                f"torchvision version the model was trained with"
+            ) from None
+        if isinstance(module, nn.BatchNorm2d):
+            parent_path, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_path), attr, _frozen(module, eps))
+    frozen = set(structure.get("frozen_params", []))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen)
+
+
+def freeze_norms(module: nn.Module) -> None:
+    """Replace every BatchNorm2d under ``module`` by a FrozenBatchNorm2d with the same statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, _frozen(child, child.eps))
+        else:
+            freeze_norms(child)
+
+
+def _frozen(bn: nn.BatchNorm2d, eps: float) -> FrozenBatchNorm2d:
+    frozen = FrozenBatchNorm2d(bn.num_features, eps=eps)
+    with torch.no_grad():
+        if bn.affine:
+            frozen.weight.copy_(bn.weight)
+            frozen.bias.copy_(bn.bias)
+        if bn.running_mean is not None:
+            frozen.running_mean.copy_(bn.running_mean)
+            frozen.running_var.copy_(bn.running_var)
+    return frozen
+
+
+def restore(network: str, num_classes: int, structure: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Rebuild ``network`` exactly as it was trained and load ``state`` into it, offline."""
+    spec = get_spec(network)
+    # The random initialisation is overwritten at once: don't let it move the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        model = _skeleton(spec, num_classes)
+    apply_structure(model, structure, source)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"{source}: its weights do not fit {network} as this torchvision builds it "
+            f"({_first_line(exc)}); use the Drip and torchvision versions it was made with"
+        ) from None
+    return model
+
+
+# -- the model file ---------------------------------------------------------------------------
+def export_model(
+    path: Path,
+    model: nn.Module,
+    network: str,
+    label_map_names,
+    image_size: int,
+    config_dict: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model file atomically: plain types and tensors only, loadable with weights_only."""
+    from . import __version__
+
+    names = [str(n) for n in label_map_names]
+    core = {
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "network": network,
+        "num_classes": len(names) + 1,
+        "classes": names,
+        "image_size": int(image_size),
+        "config": dict(config_dict),
+        "structure": structure_of(model),
+        "versions": {"drip": __version__, "torch": str(torch.__version__), "torchvision": torchvision.__version__},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(core))
+    if clash:
+        raise ValueError(f"export_model: extra keys {clash} would overwrite the model file's own")
+    save_atomic({**core, **extra}, Path(path))
+    return Path(path)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside ``path``, synced, then renamed over it.
+
+    Readers see the old file or the new one, never half of one, even if the power goes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def torch_load(path: Path, what: str) -> Any:
+    """``torch.load`` that only reads plain data and tensors; any failure is a ModelError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = _unpickle_reason(exc)
+        if reason is None:  # not a forbidden object: the bytes are no pickle torch understands
+            raise ModelError(
+                f"{what} {path}: not a PyTorch file Drip can read (unreadable pickle data); it may be "
+                "damaged or of another format: copy it again"
+            ) from None
+        raise ModelError(
+            f"{what} {path}: refused: the file holds Python objects that would run code when "
+            f"loaded ({reason}); use a Drip model file or a plain state_dict"
+        ) from None
+    except FileNotFoundError:
+        raise ModelError(f"{what} {path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise ModelError(f"{what} {path}: is a folder; give the model file inside it") from None
+    except Exception as exc:  # torch reports a damaged file with many types (RuntimeError, EOFError, ...)
+        raise ModelError(
+            f"{what} {path}: not a PyTorch file Drip can read ({_first_line(exc)}); it may be "
+            "truncated: copy it again"
+        ) from None
+
+
+def read_model_file(path: Path, what: str = "--model") -> dict[str, Any]:
+    """The checked contents of a Drip model file."""
+    data = torch_load(Path(path), what)
+    if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
+        if isinstance(data, dict) and data.get("format") == "drip-checkpoint":
+            raise ModelError(
+                f"{what} {path}: this is a training checkpoint, not an exported model; use the "
+                "session's model.pt (written when training ends or with --resume_training)"
+            )
+        if _state_dict_in(data) is not None:
+            raise ModelError(
+                f"{what} {path}: a bare state_dict, not a Drip model; to train from it pass it as "
+                "--weights PATH with --network NAME (the network it belongs to)"
+            )
+        raise ModelError(f"{what} {path}: not a model file exported by Drip; use the model.pt of a session")
+    if data.get("version", 0) > MODEL_VERSION:
+        raise ModelError(
+            f"{what} {path}: model file version {data.get('version')} is newer than this Drip "
+            f"reads ({MODEL_VERSION}); update Drip"
+        )
+    missing = [k for k in ("network", "num_classes", "classes", "image_size", "state_dict") if k not in data]
+    if missing:
+        raise ModelError(f"{what} {path}: damaged model file (missing {', '.join(missing)}); export it again")
+    data.setdefault("structure", {})
+    return data
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the detector in a Drip model file, in eval mode on ``device``."""
+    path = Path(path)
+    data = read_model_file(path)
+    model = restore(data["network"], data["num_classes"], data["structure"], data["state_dict"], f"--model {path}")
+    set_image_size(model, data["image_size"])
+    model.to(torch.device(device)).eval()
+    meta = {k: v for k, v in data.items() if k != "state_dict"}
+    return LoadedModel(model, list(data["classes"]), int(data["image_size"]), data["network"], meta)
+
+
+def _names(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _unpickle_reason(exc: BaseException) -> str | None:
+    """The line of torch's weights_only refusal that names the refused object, if it names one.
+
+    torch's message is a paragraph of advice (to use weights_only=False); the ``GLOBAL`` line is
+    what tells the user which object the file wanted to build. Without one, the file was not a
+    pickle of objects at all but damaged or foreign bytes.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if "global" in line.lower()]
+    return lines[0] if lines else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

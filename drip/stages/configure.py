@@ -1,0 +1,41 @@
+"""Stage 4, configure: set up the network and write the session's ``pipeline.config``.
+
+Reads ``label_map.pbtxt`` (from split). Checks that the network and its starting weights load
+(downloading COCO weights into the session folder's ``cache/`` now, not an hour into training),
+fills in the values left to Drip (the learning rate), and writes the resolved config as
+``pipeline.config``: a commented YAML file the user may edit before ``--resume_training``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from .. import console
+from ..config import Config
+from ..labelmap import LabelMap
+from ..session import Session
+
+
+def run(session: Session, config: Config, check_model: bool = True) -> Config:
+    """Return the resolved config, written to ``session.config_path``."""
+    from .. import models
+
+    if check_model:
+        classes = LabelMap.read(session.require(session.label_map_path, "split"))
+        models.build_model(config.network, len(classes) + 1, config.weights, config.image_size, session.cache)
+    if config.learning_rate is None:
+        lr = models.default_learning_rate(config.network, config.batch_size, config.optimizer)
+        config = dataclasses.replace(config, learning_rate=lr)
+        console.info(f"learning rate {lr:g} (the {config.network} default for batch {config.batch_size})")
+    write(session, config)
+    session.record_stage("configure", network=config.network, weights=config.weights, learning_rate=config.learning_rate)
+    return config
+
+
+def write(session: Session, config: Config) -> None:
+    """Write ``pipeline.config`` atomically, so an interrupted write never loses the user's edits."""
+    session.dl.mkdir(parents=True, exist_ok=True)
+    tmp = session.config_path.with_name(f".{session.config_path.name}.tmp-{os.getpid()}")
+    tmp.write_text(config.to_text(), encoding="utf-8")
+    os.replace(tmp, session.config_path)
