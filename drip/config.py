@@ -405,9 +405,76 @@ class InferConfig:
         "infer",
         choices=("auto", "cpu", "cuda"),
     )
+    src_json_path: str | None = _opt(
+        None,
+        "Annotations of these images (COCO JSON, Drip JSON or a VOC folder; image paths relative "
+        "to --images_path). When given, the model is also scored against them: COCO metrics in "
+        "<results_path>/metrics.json and, for COCO annotations, every detection in "
+        "<results_path>/coco_results.json in the file's own image and category ids.",
+        "data",
+    )
 
     # Config's schema helpers work on any dataclass of _opt fields; borrowing them keeps one
     # implementation of the checks and leaves Config itself untouched.
+    fields = classmethod(Config.fields.__func__)
+    from_mapping = classmethod(Config.from_mapping.__func__)
+    updated = Config.updated
+    to_dict = Config.to_dict
+
+
+@dataclass
+class EvaluateConfig:
+    """What ``drip evaluate`` does: which model, on which annotated images, where the metrics go.
+
+    Its model, image_size, batch_size and device flags mean what InferConfig's do; the checks
+    are Config's, borrowed as InferConfig borrows them.
+    """
+
+    images_path: str = _opt(
+        "files/images/",
+        "Folder holding the images; the annotation file's image paths are relative to it.",
+        "data",
+    )
+    src_json_path: str = _opt(
+        "files/metadata.json",
+        "Annotations to score against: a COCO instances JSON, Drip's own JSON, or a folder of "
+        "Pascal VOC XML files. Classes are matched to the model's by name.",
+        "data",
+    )
+    output: str = _opt(
+        "files/results/metrics.json",
+        "The metrics JSON to write: COCO AP, AP50, AP75, AP and AR by size, AP per class and "
+        "precision-recall curves. An earlier file there is moved to <its folder>/trash/<timestamp>/.",
+        "data",
+    )
+    model: str | None = _opt(
+        None,
+        "The model to score: a model file exported by Drip, or a session folder (its dl/model.pt "
+        "is used). By default the current session's exported model, <session_folder>/dl/model.pt.",
+        "model",
+    )
+    image_size: int | None = _opt(
+        None,
+        "Longer image side, in pixels, fed to the model. By default the size the model was "
+        "trained at, which is where it is most accurate.",
+        "model",
+        low=32,
+        high=4096,
+    )
+    batch_size: int = _opt(
+        4,
+        "Images per forward pass: larger is faster on a GPU until memory runs out; 1-4 on a CPU.",
+        "infer",
+        low=1,
+        high=1024,
+    )
+    device: str = _opt(
+        "auto",
+        "'auto' picks CUDA when PyTorch sees a GPU, else the CPU.",
+        "infer",
+        choices=("auto", "cpu", "cuda"),
+    )
+
     fields = classmethod(Config.fields.__func__)
     from_mapping = classmethod(Config.from_mapping.__func__)
     updated = Config.updated

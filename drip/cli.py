@@ -1,0 +1,294 @@
+"""The ``drip`` command: argument parsing and dispatch.
+
+Flags are generated from the config dataclasses (``drip.config``), so a flag, its config key, its
+range and its help text never drift apart. This module imports only the standard library at the
+top: ``--help`` answers at once, and the host-side starters reuse these parsers. The work itself
+(``drip.pipeline``, the stages) is imported only when a command runs.
+
+    drip train   [flags]            split -> augment -> records -> configure -> train
+    drip infer   [flags]            run a trained model on a folder of folders of images
+    drip evaluate [flags]           COCO metrics of a model on an annotated set of images
+    drip stage NAME [flags]         run one stage alone on an existing session
+    drip networks                   list the detectors Drip can train
+    drip doctor                     check the Docker engine, GPUs, disk and shared memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from pathlib import Path
+
+from .config import CLI, Config, EvaluateConfig, InferConfig
+from .errors import DripError
+
+DEFAULT_SESSION_FOLDER = "pipeline/"
+STAGES = ("split", "augment", "records", "configure", "train")
+GROUP_TITLES = {
+    "data": "data (the inputs and how they are split, augmented and stored)",
+    "model": "model",
+    "train": "training",
+    "infer": "inference",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a "did you mean" for mistyped flags."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            known = sorted(_long_flags(self))
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                flag = word.split("=", 1)[0]
+                close = difflib.get_close_matches(flag, known, n=1)
+                if flag.startswith("-") and close:
+                    hints.append(f"{flag} -> {close[0]}")
+            if hints:
+                message += f" (did you mean: {', '.join(hints)}?)"
+        super().error(message)
+
+
+def _long_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every --flag of ``parser`` and its sub-commands (the top parser reports their strays)."""
+    flags = set()
+    for action in parser._actions:
+        flags.update(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _long_flags(sub)
+    return flags
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34, width=100)
+
+
+def add_schema_flags(parser: argparse.ArgumentParser, schema) -> None:
+    """One flag per field of the dataclass ``schema``, grouped by the field's group.
+
+    Defaults are SUPPRESSed so the parsed namespace holds only what the user typed: that is what
+    overrides the session's config file, which in turn overrides the defaults.
+    """
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(schema):
+        meta = f.metadata
+        if not meta["flag"]:
+            continue
+        group = groups.get(meta["group"])
+        if group is None:
+            group = groups[meta["group"]] = parser.add_argument_group(GROUP_TITLES.get(meta["group"], meta["group"]))
+        default = f.default
+        shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
+        metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else (
+            "{true,false}" if str(f.type) == "bool" else f.name.split("_")[-1].upper()
+        )
+        group.add_argument(
+            f"--{f.name}",
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            help=f"{meta['help']} (default: {shown})".replace("%", "%%"),
+        )
+
+
+def given(args: argparse.Namespace, schema) -> dict:
+    """The schema fields the user set on the command line."""
+    names = {f.name for f in dataclasses.fields(schema)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+TRAIN_DESCRIPTION = (
+    "Train a detector on labelled images, end to end:\n"
+    "  split -> augment -> records -> configure -> train\n"
+    "Each run starts a new session in SESSION_FOLDER/dl (an existing one is moved to\n"
+    "SESSION_FOLDER/trash/, never deleted) unless --resume_training is given.\n\n"
+    "Example:\n"
+    "  %(prog)s --src_json_path files/metadata.json --image_folder_path files/images/"
+)
+INFER_DESCRIPTION = (
+    "Detect objects in a folder of folders of images. Each sub-folder's results go to\n"
+    "RESULTS_PATH/<folder>/: the images with boxes drawn, one JSON per image and\n"
+    "detections.json for the folder. Earlier results there are moved to\n"
+    "RESULTS_PATH/trash/, never overwritten.\n\n"
+    "Example:\n"
+    "  %(prog)s --images_path files/test_images --threshold 60"
+)
+
+EVALUATE_DESCRIPTION = (
+    "Score a model on any annotated set of images with COCO metrics (pycocotools): AP at\n"
+    "IoU .50:.95, AP50, AP75, AP and AR by object size, AP per class and precision-recall\n"
+    "curves. Annotation classes are matched to the model's by name. The metrics JSON goes to\n"
+    "OUTPUT; an earlier one there is moved to trash/, never overwritten.\n\n"
+    "Example:\n"
+    "  %(prog)s --model pipeline/ --images_path files/test_images --src_json_path files/test.json"
+)
+
+
+def new_parser(prog: str | None = None, description: str | None = None) -> Parser:
+    return Parser(prog=prog, description=description, formatter_class=_formatter, allow_abbrev=False)
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _add_session_flags(p)
+    add_schema_flags(p, Config)
+    return p
+
+
+def _add_session_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("session")
+    g.add_argument(
+        "--session_folder",
+        default=DEFAULT_SESSION_FOLDER,
+        metavar="PATH",
+        help="Folder holding the session (dl/), augmented images, trash and the weights cache "
+        f"(default: {DEFAULT_SESSION_FOLDER})",
+    )
+    g.add_argument(
+        "--resume_training",
+        action="store_true",
+        help="Continue the session in SESSION_FOLDER/dl from its newest checkpoint, with the "
+        "settings of its pipeline.config (edit it first to change them) and any flags given now",
+    )
+
+
+def add_infer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "--session_folder",
+        default=DEFAULT_SESSION_FOLDER,
+        metavar="PATH",
+        help="Session whose exported model is used when --model is not given "
+        f"(default: {DEFAULT_SESSION_FOLDER})",
+    )
+    add_schema_flags(p, InferConfig)
+    return p
+
+
+def add_evaluate_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "--session_folder",
+        default=DEFAULT_SESSION_FOLDER,
+        metavar="PATH",
+        help="Session whose exported model is scored when --model is not given "
+        f"(default: {DEFAULT_SESSION_FOLDER})",
+    )
+    add_schema_flags(p, EvaluateConfig)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="drip",
+        description="Drip: retrain torchvision object detectors on your images, then run them.",
+        formatter_class=_formatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"drip {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    add_train_flags(sub.add_parser(
+        "train", help="train a detector: split, augment, records, configure, train",
+        description=TRAIN_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
+    ))
+    add_infer_flags(sub.add_parser(
+        "infer", help="run a trained detector on images and write JSON results",
+        description=INFER_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
+    ))
+    add_evaluate_flags(sub.add_parser(
+        "evaluate", help="COCO metrics of a trained detector on annotated images",
+        description=EVALUATE_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
+    ))
+    stage = sub.add_parser(
+        "stage",
+        help="run one stage alone on an existing session",
+        description=(
+            "Run one stage alone. Settings come from the session's pipeline.config when it\n"
+            "exists (else the defaults), then from the flags given; the result is written back."
+        ),
+        formatter_class=_formatter,
+        allow_abbrev=False,
+    )
+    stage.add_argument("name", choices=STAGES, help="the stage to run")
+    _add_session_flags(stage)
+    add_schema_flags(stage, Config)
+    sub.add_parser("networks", help="list the detectors Drip can train", allow_abbrev=False)
+    doctor = sub.add_parser(
+        "doctor",
+        help="check that this host can run Drip's container, with a fix for each problem",
+        description=(
+            "Check the Docker engine, its NVIDIA runtime, free disk for the image and the\n"
+            "session, and shared memory for data loading; each failed check says how to fix it."
+        ),
+        formatter_class=_formatter,
+        allow_abbrev=False,
+    )
+    doctor.add_argument(
+        "--session_folder", default=DEFAULT_SESSION_FOLDER, metavar="PATH",
+        help=f"Where sessions will go, for the free-space check (default: {DEFAULT_SESSION_FOLDER})",
+    )
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+SCHEMAS = {"train": Config, "stage": Config, "infer": InferConfig, "evaluate": EvaluateConfig}
+
+
+def run_command(command: str, args: argparse.Namespace) -> int:
+    """Run a parsed command in this Python process. Imports the heavy parts only now."""
+    schema = SCHEMAS.get(command)
+    if schema is not None:
+        schema().updated(given(args, schema), CLI)  # a bad flag fails now, not after a torch import
+    try:
+        from . import pipeline
+    except ImportError as exc:
+        if (exc.name or "drip").split(".")[0] == "drip":
+            raise  # our own import broke: a bug, keep the traceback
+        raise DripError(
+            f"this Python ({sys.executable}) lacks Drip's dependencies ({exc.name} is missing); "
+            "run scripts/setup.sh, or 'pip install -e .', or use --runtime docker"
+        ) from None
+    session_folder = Path(getattr(args, "session_folder", DEFAULT_SESSION_FOLDER))
+    if command == "train":
+        pipeline.train(session_folder, given(args, Config), resume=args.resume_training)
+    elif command == "stage":
+        pipeline.run_stage(args.name, session_folder, given(args, Config), resume=args.resume_training)
+    elif command == "infer":
+        pipeline.infer(session_folder, given(args, InferConfig))
+    elif command == "evaluate":
+        pipeline.evaluate(session_folder, given(args, EvaluateConfig))
+    elif command == "networks":
+        pipeline.list_networks()
+    return 0
+
+
+def guarded(fn, *args) -> int:
+    """Run ``fn``; a DripError becomes one line on stderr and its exit code, never a traceback."""
+    try:
+        return fn(*args)
+    except DripError as exc:
+        print(f"drip: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("drip: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "doctor":  # host side: needs the Docker SDK, not PyTorch
+        from . import docker_runtime
+
+        return guarded(docker_runtime.doctor, args.session_folder)
+    return guarded(run_command, args.command, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["CLI", "main", "build_parser", "run_command", "guarded"]

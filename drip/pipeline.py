@@ -1,0 +1,109 @@
+"""Runs the stages in order: what ``drip train``, ``drip stage``, ``drip infer`` and ``drip evaluate`` do.
+
+The only module that knows the order of the stages and how a session starts, resumes and records
+its resolved config; the stages themselves know nothing of each other.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import console
+from .config import CLI, Config, EvaluateConfig, InferConfig
+from .errors import ConfigError, InputError, SessionError
+from .session import Session
+from .stages import augment, configure, infer as infer_stage, records, split, train as train_stage
+
+STAGE_MODULES = {
+    "split": split,
+    "augment": augment,
+    "records": records,
+    "configure": configure,
+    "train": train_stage,
+}
+
+
+def train(session_folder: Path, overrides: dict, resume: bool = False):
+    """``drip train``: a new session through every stage, or ``resume`` the current one."""
+    session = Session(Path(session_folder))
+    if resume:
+        config = _session_config(session, overrides, require=True)
+        config = _timed("configure", lambda: configure.run(session, config, check_model=False))
+        return _timed("train", lambda: train_stage.run(session, config, resume=True))
+
+    config = Config().updated(overrides, CLI)
+    _check_inputs(config)
+    moved = session.start_new()
+    if moved:
+        console.info(f"moved the previous session to {moved}")
+    console.info(f"new session in {session.dl}")
+    for name in ("split", "augment", "records"):
+        _timed(name, lambda: STAGE_MODULES[name].run(session, config))
+    config = _timed("configure", lambda: configure.run(session, config))
+    return _timed("train", lambda: train_stage.run(session, config))
+
+
+def run_stage(name: str, session_folder: Path, overrides: dict, resume: bool = False):
+    """``drip stage NAME``: one stage on the existing session, with its config plus ``overrides``."""
+    session = Session(Path(session_folder))
+    session.dl.mkdir(parents=True, exist_ok=True)
+    config = _session_config(session, overrides, require=False)
+    if name == "train":
+        return _timed(name, lambda: train_stage.run(session, config, resume=resume))
+    result = _timed(name, lambda: STAGE_MODULES[name].run(session, config))
+    if name != "configure":
+        configure.write(session, config)
+    return result
+
+
+def infer(session_folder: Path, overrides: dict):
+    config = InferConfig().updated(overrides, CLI)
+    return _timed("infer", lambda: infer_stage.run(config, Path(session_folder)))
+
+
+def evaluate(session_folder: Path, overrides: dict):
+    """``drip evaluate``: COCO metrics of a model on an annotated set of images."""
+    from .evaluate import evaluate_annotations
+
+    config = EvaluateConfig().updated(overrides, CLI)
+    return _timed("evaluate", lambda: evaluate_annotations(config, Path(session_folder)))
+
+
+def list_networks() -> None:
+    from .models import NETWORKS
+
+    for name in NETWORKS:
+        print(name)
+
+
+def _session_config(session: Session, overrides: dict, require: bool) -> Config:
+    if session.config_path.exists():
+        return Config.read(session.config_path).updated(overrides, CLI)
+    if require:
+        raise SessionError(
+            f"{session.dl}: no session to resume ({session.config_path.name} is missing); "
+            "run without --resume_training to start one"
+        )
+    return Config().updated(overrides, CLI)
+
+
+def _check_inputs(config: Config) -> None:
+    """Fail on a missing input before the current session is moved to trash."""
+    src = Path(config.src_json_path)
+    if not src.exists():
+        raise InputError(f"--src_json_path {src}: not found; point it at your annotations (a COCO/Drip JSON file or a VOC folder)")
+    root = Path(config.image_folder_path)
+    if not root.is_dir():
+        raise InputError(f"--image_folder_path {root}: not a folder; point it at the folder holding your images")
+    if config.class_map_path is not None and not Path(config.class_map_path).is_file():
+        raise InputError(f"--class_map_path {config.class_map_path}: not found; fix the path or leave the flag out to take classes from the annotations")
+    if config.eval_percentage >= 100:
+        raise ConfigError("--eval_percentage 100 leaves nothing to train on; use a value below 100")
+
+
+def _timed(name: str, fn):
+    start = time.perf_counter()
+    result = fn()
+    console.info(f"{name} finished in {time.perf_counter() - start:.1f} s")
+    return result
