@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .boxes import voc_to_xyxy, xywh_to_xyxy
 from .dataset import ImageAnnotation, as_float, encodable, is_number, read_drip_json, safe_relative
 from .errors import InputError
 
@@ -198,8 +199,7 @@ def _read_coco(data: dict[str, Any], source: str) -> Annotations:
         bbox = ann.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
             raise InputError(f"{where}: bbox {bbox!r} must be 4 numbers [x, y, width, height] in pixels")
-        x, y, w, h = (as_float(v) for v in bbox)
-        image.boxes.append([x, y, x + w, y + h])
+        image.boxes.append(xywh_to_xyxy([as_float(v) for v in bbox]))
         image.labels.append(names_by_id[ann["category_id"]])
 
     return Annotations(
@@ -305,7 +305,7 @@ def _read_voc_file(root, xml: Path, folder: Path, image_root: Path, index: _Name
         # so the start moves by one and the inclusive end is already the exclusive edge; this is
         # also how detectron2 reads VOC. Fractional values (some exporters write them) keep
         # their fraction.
-        image.boxes.append([xmin - 1.0, ymin - 1.0, xmax, ymax])
+        image.boxes.append(voc_to_xyxy([xmin, ymin, xmax, ymax]))
         image.labels.append(name)
     return image
 

@@ -27,6 +27,7 @@ import hashlib
 import inspect
 import os
 import random
+import sys
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -65,6 +66,9 @@ def albumentations():
     runs offline in containers, where it would only add seconds and a warning.
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # albumentations imports its optional PyTorch helpers (and so PyTorch, ~3.5 s of CPU in
+    # every augment worker) inside suppress(ImportError); Drip never uses them.
+    sys.modules.setdefault("albumentations.pytorch", None)
     import albumentations as A
 
     return A
@@ -102,12 +106,17 @@ class Policy:
         pixels) with their ``object_ids=``; seeded with ``seed`` (see ``reseed``)."""
         A = albumentations()
         transforms = self._make_list(self.transforms, ("transforms",))
+        bbox = dict(self.bbox)
+        # albumentations 2.0's bbox-safe crops fail ("x_min < x_max") on a box under a pixel
+        # wide; such a box is no object to learn from anyway, so one pixel is the floor.
+        for side in ("min_width", "min_height"):
+            bbox[side] = max(1.0, float(bbox.get(side, 0.0)))
         params = A.BboxParams(
             format="pascal_voc",
             label_fields=["object_ids"],
             clip=True,
             filter_invalid_bboxes=True,
-            **self.bbox,
+            **bbox,
         )
         try:
             compose = A.Compose(transforms, bbox_params=params)

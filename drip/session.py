@@ -8,9 +8,10 @@ Layout under ``--session_folder`` (default ``pipeline/``)::
       label_map.pbtxt         class ids and names
       split/                  train.json, eval.json (Drip JSON manifests), report.json
       records/                train-*.tfrecord, eval-*.tfrecord, records.json
-      checkpoints/            step-XXXXXXX.pt, the newest few
+      checkpoints/            step-XXXXXXX.pt, the newest few, and best.pt (best AP so far)
       logs/                   TensorBoard event files
-      model.pt                the exported model
+      metrics.jsonl           one row of COCO metrics per evaluation during training
+      model.pt                the exported model (the best by AP on the eval split)
     images_augmented/         augmented training images and annotations.json
     trash/<timestamp>/        earlier sessions, moved here instead of deleted
     cache/                    downloaded weights, shared by all sessions
@@ -21,6 +22,7 @@ be re-run alone. Standard library only.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -100,6 +102,14 @@ class Session:
     def model_path(self) -> Path:
         return self.dl / "model.pt"
 
+    @property
+    def metrics_path(self) -> Path:
+        return self.dl / "metrics.jsonl"
+
+    @property
+    def best_checkpoint_path(self) -> Path:
+        return self.checkpoints_dir / "best.pt"
+
     # -- lifecycle ----------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.dl.is_dir()
@@ -110,12 +120,11 @@ class Session:
         Returns the trash folder it went to, or None when there was nothing to move. Nothing is
         deleted: a name already in the trash gets a numeric suffix.
         """
-        movable = [p for p in (self.dl, self.images_augmented) if p.exists()]
+        movable = [p for p in (self.dl, self.images_augmented) if p.exists() or p.is_symlink()]
         if not movable:
             self.dl.mkdir(parents=True, exist_ok=True)
             return None
-        target = _unique(self.trash / time.strftime("%Y%m%d-%H%M%S"))
-        target.mkdir(parents=True)
+        target = trash_folder(self.trash)
         for path in movable:
             move(path, target / path.name)
         self.dl.mkdir(parents=True, exist_ok=True)
@@ -155,29 +164,96 @@ class Session:
         write_json(self.state_path, state)
 
 
-def _unique(path: Path) -> Path:
-    candidate, n = path, 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    return candidate
+def trash_folder(trash: Path, label: str = "") -> Path:
+    """Create and return ``trash/<timestamp>[-label]``, or ``...-2``, ``...-3`` when taken.
+
+    ``mkdir`` either creates the folder or fails, so two runs in the same second (or two
+    processes at once) never share one and nothing moved there lands on an earlier copy.
+    """
+    name = time.strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else "")
+    trash.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = trash / (name if n == 1 else f"{name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
 
 
 def move(src: Path, dst: Path) -> None:
-    """Move a file or folder; across file systems, copy fully before removing the source."""
+    """Move a file or folder to ``dst``, which must not exist: nothing is overwritten or lost.
+
+    Within a file system this is one rename. Across file systems (a trash folder that is a link
+    to another disk, say) the copy is made as ``dst.partial``, synced to disk, renamed to
+    ``dst``, and only then is the source removed: a copy that fails (disk full) or is killed
+    leaves the source untouched and at most a ``.partial`` folder, which the next move replaces.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists() or dst.is_symlink():
+        raise SessionError(f"cannot move {src} to {dst}: that name is taken; nothing was moved")
     try:
         os.rename(src, dst)
-    except OSError:
-        partial = dst.with_name(dst.name + ".partial")
-        if src.is_dir():
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise SessionError(
+                f"cannot move {src} to {dst} ({exc.strerror}); nothing was moved: check that "
+                f"{src} exists and that you may write to both folders"
+            ) from None
+    partial = dst.with_name(dst.name + ".partial")
+    _remove(partial)  # left by a copy that was killed; its source was never touched
+    try:
+        if src.is_dir() and not src.is_symlink():
             shutil.copytree(src, partial, symlinks=True)
         else:
-            shutil.copy2(src, partial)
+            shutil.copy2(src, partial, follow_symlinks=False)
+        _sync(partial)
         os.rename(partial, dst)
-        if src.is_dir():
-            shutil.rmtree(src)
-        else:
-            src.unlink()
+        _sync(dst.parent)
+    except OSError as exc:
+        _remove(partial)
+        reason = exc.strerror or str(exc).splitlines()[0]
+        raise SessionError(
+            f"cannot copy {src} to {dst} on another file system ({reason}); {src} is unchanged: "
+            f"free space on the disk of {dst.parent} (or make it writable) and run again"
+        ) from None
+    try:
+        _remove(src)
+    except OSError as exc:
+        raise SessionError(
+            f"copied {src} to {dst}, but could not remove {src} ({exc.strerror}); the copy is "
+            f"complete: delete {src} by hand and run again"
+        ) from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _sync(path: Path) -> None:
+    """fsync ``path``, and everything under it if it is a folder: the copy is on disk before
+    the original goes."""
+    paths = [path]
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            paths += [Path(root, name) for name in files + dirs]
+    for p in paths:
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            continue  # links and special files carry no data of their own to sync
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            # Some file systems cannot sync a folder (EINVAL); its files are synced all the same.
+            if not (p.is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP)):
+                raise
+        finally:
+            os.close(fd)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -9,6 +9,7 @@ encoding, and no generated code has to match the installed protobuf version.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -42,12 +43,19 @@ class TFRecordWriter:
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._fh: BinaryIO = open(self._tmp, "wb")
         self.count = 0
+        self._digest = hashlib.sha256()  # of the file's bytes, for records.json: cheaper than reading it back
 
     def write(self, payload: bytes) -> None:
         header = _U64.pack(len(payload))
-        self._fh.write(header + _U32.pack(masked_crc32c(header)))
-        self._fh.write(payload + _U32.pack(masked_crc32c(payload)))
+        for chunk in (header + _U32.pack(masked_crc32c(header)), payload + _U32.pack(masked_crc32c(payload))):
+            self._fh.write(chunk)
+            self._digest.update(chunk)
         self.count += 1
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of everything written so far: the whole file once closed."""
+        return self._digest.hexdigest()
 
     def close(self) -> None:
         self._fh.flush()

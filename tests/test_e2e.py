@@ -43,7 +43,7 @@ def starter(name: str, *args: str, check: bool = True) -> subprocess.CompletedPr
 
 
 def checkpoint_steps(session: Path) -> list[int]:
-    return sorted(int(re.search(r"(\d+)", p.stem).group(1)) for p in (session / "dl" / "checkpoints").glob("*.pt"))
+    return sorted(int(p.stem.split("-")[1]) for p in (session / "dl" / "checkpoints").glob("step-*.pt"))
 
 
 def write_coco(path: Path, annotations) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -60,7 +61,11 @@ def test_shards_are_named_and_counted(session, ready):
     index = read_json(session.records_dir / "records.json")
     assert index["train"]["count"] == result.train == 18
     assert index["train"]["shards"] == [f"train-{i:05d}-of-00005.tfrecord" for i in range(5)]
-    assert index["eval"] == {"shards": ["eval-00000-of-00001.tfrecord"], "count": 3}
+    assert {k: index["eval"][k] for k in ("shards", "count")} == {"shards": ["eval-00000-of-00001.tfrecord"], "count": 3}
+    for split in ("train", "eval"):  # each shard's SHA-256, as training compares them on resume
+        assert index[split]["sha256"] == {
+            name: hashlib.sha256((session.records_dir / name).read_bytes()).hexdigest() for name in index[split]["shards"]
+        }
     assert index["classes"] == list(CLASSES)
     assert [p.name for p in result.train_shards] == index["train"]["shards"]
     assert [sum(1 for _ in iter_records(p)) for p in result.train_shards] == [4, 4, 4, 4, 2]

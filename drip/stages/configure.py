@@ -35,6 +35,9 @@ def run(session: Session, config: Config, check_model: bool = True) -> Config:
 
 def write(session: Session, config: Config) -> None:
     """Write ``pipeline.config`` atomically, so an interrupted write never loses the user's edits."""
+    # A permission for one resume, not a setting: kept, it would let a later resume on yet
+    # other records through without a word.
+    config = dataclasses.replace(config, allow_changed_data=False)
     session.dl.mkdir(parents=True, exist_ok=True)
     tmp = session.config_path.with_name(f".{session.config_path.name}.tmp-{os.getpid()}")
     tmp.write_text(config.to_text(), encoding="utf-8")

@@ -10,8 +10,10 @@ Writes ``dl/records/train-00000-of-0000N.tfrecord`` (originals and augmented cop
 Records follow the TF Object Detection API schema (``drip.tfrecord.DetectionExample``): boxes
 normalized by the image size as displayed, labels 1-based from the label map, and images stored
 upright (``drip.images.encode_for_record``), so other TFRecord readers see what the user sees.
-``records.json`` is written last: a run that stops early leaves none, and a rerun rewrites every
-shard.
+Each shard is written to a temporary file that is renamed when complete, and ``records.json``
+(with each shard's SHA-256) is written last: a run that stops early leaves no ``records.json``,
+so training refuses the half-written set, and a rerun removes the temporary files and rewrites
+every shard.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import console
+from ..boxes import clip_normalized, has_area, normalize
 from ..config import Config
 from ..dataset import read_drip_json, resolve_image
 from ..errors import InputError, SessionError
@@ -82,18 +85,27 @@ def run(session: Session, config: Config, *, workers: int | None = None) -> Reco
     out = session.records_dir
     out.mkdir(parents=True, exist_ok=True)
     index = out / INDEX_NAME
+    earlier = [p for p in out.iterdir() if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in _OWN_FILES)]
+    if earlier and not index.exists():
+        partial = sum(1 for p in earlier if ".tmp-" in p.name)
+        console.info(
+            f"records: an earlier run stopped before it finished ({len(earlier) - partial} shards, "
+            f"{partial} half-written, no {INDEX_NAME}); every shard is written again"
+        )
     index.unlink(missing_ok=True)
     # Shards of an earlier run with another images_per_shard would not be overwritten by name
     # and would be read as extra data; they are Drip's derived files, so they go.
-    for path in out.iterdir():
-        if path.is_file() and any(fnmatch.fnmatchcase(path.name, p) for p in _OWN_FILES):
-            path.unlink()
+    for path in earlier:
+        path.unlink()
 
     per_shard = config.images_per_shard
+    digests: dict[str, str] = {}
     with _encoder(workers or _cores(), len(shuffled) + len(evaluation)) as encode:
-        train_shards = _write_split("train", shuffled, out, per_shard, encode)
-        eval_shards = _write_split("eval", evaluation, out, per_shard, encode)
+        train_shards = _write_split("train", shuffled, out, per_shard, encode, digests)
+        eval_shards = _write_split("eval", evaluation, out, per_shard, encode, digests)
 
+    # The SHA-256 of each shard lets training tell, on --resume_training, whether the records
+    # it resumes on are the ones its checkpoints were trained on.
     write_json(
         index,
         {
@@ -102,8 +114,13 @@ def run(session: Session, config: Config, *, workers: int | None = None) -> Reco
                 "count": len(shuffled),
                 "originals": len(train),
                 "copies": len(copies),
+                "sha256": {p.name: digests[p.name] for p in train_shards},
             },
-            "eval": {"shards": [p.name for p in eval_shards], "count": len(evaluation)},
+            "eval": {
+                "shards": [p.name for p in eval_shards],
+                "count": len(evaluation),
+                "sha256": {p.name: digests[p.name] for p in eval_shards},
+            },
             "classes": list(label_map.names),
             "images_per_shard": per_shard,
         },
@@ -164,14 +181,11 @@ def _encode_entry(entry: _Entry) -> bytes:
         )
     boxes, labels, texts = [], [], []
     for box, label, text in zip(entry.boxes, entry.labels, entry.texts):
-        x0, y0, x1, y1 = (
-            min(max(v / size, 0.0), 1.0)
-            for v, size in zip(box, (width, height, width, height))
-        )
+        normalized = clip_normalized(normalize(box, width, height))
         # torchvision's detectors reject boxes without area; after clipping, such a box marks
         # nothing in the image.
-        if x1 > x0 and y1 > y0:
-            boxes.append((x0, y0, x1, y1))
+        if has_area(normalized):
+            boxes.append(tuple(normalized))
             labels.append(label)
             texts.append(text)
     return encode_example(
@@ -203,7 +217,7 @@ def _encoder(workers: int, total: int):
         yield lambda entries: pool.imap(_encode_entry, entries, chunksize=chunk)
 
 
-def _write_split(split: str, entries: list[_Entry], out: Path, per_shard: int, encode) -> list[Path]:
+def _write_split(split: str, entries: list[_Entry], out: Path, per_shard: int, encode, digests: dict[str, str]) -> list[Path]:
     count = math.ceil(len(entries) / per_shard)
     paths = [out / f"{split}-{i:05d}-of-{count:05d}.tfrecord" for i in range(count)]
     if not paths:
@@ -215,6 +229,7 @@ def _write_split(split: str, entries: list[_Entry], out: Path, per_shard: int, e
                 for payload in itertools.islice(payloads, per_shard):
                     writer.write(payload)
                     bar.update()
+            digests[path.name] = writer.sha256
     return paths
 
 
