@@ -8,6 +8,7 @@ top: ``--help`` answers at once, and the host-side starters reuse these parsers.
     drip train   [flags]            split -> augment -> records -> configure -> train
     drip infer   [flags]            run a trained model on a folder of folders of images
     drip evaluate [flags]           COCO metrics of a model on an annotated set of images
+    drip export  [flags]            a trained model as ONNX or TorchScript, self-describing
     drip stage NAME [flags]         run one stage alone on an existing session
     drip networks                   list the detectors Drip can train
     drip doctor                     check the Docker engine, GPUs, disk and shared memory
@@ -21,7 +22,7 @@ import difflib
 import sys
 from pathlib import Path
 
-from .config import CLI, Config, EvaluateConfig, InferConfig
+from .config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig
 from .errors import DripError
 
 DEFAULT_SESSION_FOLDER = "pipeline/"
@@ -125,6 +126,16 @@ EVALUATE_DESCRIPTION = (
     "  %(prog)s --model pipeline/ --images_path files/test_images --src_json_path files/test.json"
 )
 
+EXPORT_DESCRIPTION = (
+    "Export a trained model as ONNX (runs in ONNX Runtime, no PyTorch needed) or TorchScript.\n"
+    "The file describes itself: class names, image size and input layout are in its metadata.\n"
+    "Feed it one RGB image, float 3xHxW in 0..1, resized so its longer side is the image size;\n"
+    "it returns boxes (in that image's pixels), labels and scores.\n\n"
+    "Example:\n"
+    "  %(prog)s --model pipeline/ --format onnx --output model.onnx\n"
+    "  drip infer --model model.onnx --images_path files/test_images"
+)
+
 
 def new_parser(prog: str | None = None, description: str | None = None) -> Parser:
     return Parser(prog=prog, description=description, formatter_class=_formatter, allow_abbrev=False)
@@ -153,7 +164,7 @@ def _add_session_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_infer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def _add_model_run_flags(p: argparse.ArgumentParser, schema) -> argparse.ArgumentParser:
     p.add_argument(
         "--session_folder",
         default=DEFAULT_SESSION_FOLDER,
@@ -161,20 +172,20 @@ def add_infer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Session whose exported model is used when --model is not given "
         f"(default: {DEFAULT_SESSION_FOLDER})",
     )
-    add_schema_flags(p, InferConfig)
+    add_schema_flags(p, schema)
     return p
+
+
+def add_infer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return _add_model_run_flags(p, InferConfig)
 
 
 def add_evaluate_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument(
-        "--session_folder",
-        default=DEFAULT_SESSION_FOLDER,
-        metavar="PATH",
-        help="Session whose exported model is scored when --model is not given "
-        f"(default: {DEFAULT_SESSION_FOLDER})",
-    )
-    add_schema_flags(p, EvaluateConfig)
-    return p
+    return _add_model_run_flags(p, EvaluateConfig)
+
+
+def add_export_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return _add_model_run_flags(p, ExportConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_flags(sub.add_parser(
         "evaluate", help="COCO metrics of a trained detector on annotated images",
         description=EVALUATE_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
+    ))
+    add_export_flags(sub.add_parser(
+        "export", help="write a trained detector as ONNX or TorchScript",
+        description=EXPORT_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
     ))
     stage = sub.add_parser(
         "stage",
@@ -226,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--session_folder", default=DEFAULT_SESSION_FOLDER, metavar="PATH",
         help=f"Where sessions will go, for the free-space check (default: {DEFAULT_SESSION_FOLDER})",
     )
+    doctor.add_argument(
+        "--base_image", default=None, metavar="IMAGE",
+        help="The --base_image the starters will be given, to tell whether Drip's image is built",
+    )
     return parser
 
 
@@ -235,7 +254,9 @@ def _version() -> str:
     return __version__
 
 
-SCHEMAS = {"train": Config, "stage": Config, "infer": InferConfig, "evaluate": EvaluateConfig}
+SCHEMAS = {
+    "train": Config, "stage": Config, "infer": InferConfig, "evaluate": EvaluateConfig, "export": ExportConfig,
+}
 
 
 def run_command(command: str, args: argparse.Namespace) -> int:
@@ -243,8 +264,15 @@ def run_command(command: str, args: argparse.Namespace) -> int:
     schema = SCHEMAS.get(command)
     if schema is not None:
         schema().updated(given(args, schema), CLI)  # a bad flag fails now, not after a torch import
+    session_folder = Path(getattr(args, "session_folder", DEFAULT_SESSION_FOLDER))
+    # An ONNX model runs in ONNX Runtime without PyTorch: sent there before the pipeline's
+    # imports, which import PyTorch.
+    onnx = command == "infer" and str(getattr(args, "model", None) or "").lower().endswith(".onnx")
     try:
-        from . import pipeline
+        if onnx:
+            from . import onnx_infer
+        else:
+            from . import pipeline
     except ImportError as exc:
         if (exc.name or "drip").split(".")[0] == "drip":
             raise  # our own import broke: a bug, keep the traceback
@@ -252,7 +280,9 @@ def run_command(command: str, args: argparse.Namespace) -> int:
             f"this Python ({sys.executable}) lacks Drip's dependencies ({exc.name} is missing); "
             "run scripts/setup.sh, or 'pip install -e .', or use --runtime docker"
         ) from None
-    session_folder = Path(getattr(args, "session_folder", DEFAULT_SESSION_FOLDER))
+    if onnx:
+        onnx_infer.run(InferConfig().updated(given(args, InferConfig), CLI), session_folder)
+        return 0
     if command == "train":
         pipeline.train(session_folder, given(args, Config), resume=args.resume_training)
     elif command == "stage":
@@ -261,6 +291,8 @@ def run_command(command: str, args: argparse.Namespace) -> int:
         pipeline.infer(session_folder, given(args, InferConfig))
     elif command == "evaluate":
         pipeline.evaluate(session_folder, given(args, EvaluateConfig))
+    elif command == "export":
+        pipeline.export(session_folder, given(args, ExportConfig))
     elif command == "networks":
         pipeline.list_networks()
     return 0
@@ -283,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":  # host side: needs the Docker SDK, not PyTorch
         from . import docker_runtime
 
-        return guarded(docker_runtime.doctor, args.session_folder)
+        return guarded(docker_runtime.doctor, args.session_folder, args.base_image)
     return guarded(run_command, args.command, args)
 
 

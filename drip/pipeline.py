@@ -1,4 +1,5 @@
-"""Runs the stages in order: what ``drip train``, ``drip stage``, ``drip infer`` and ``drip evaluate`` do.
+"""Runs the stages in order: what ``drip train``, ``drip stage``, ``drip infer``, ``drip evaluate``
+and ``drip export`` do.
 
 The only module that knows the order of the stages and how a session starts, resumes and records
 its resolved config; the stages themselves know nothing of each other.
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import console
-from .config import CLI, Config, EvaluateConfig, InferConfig
+from .config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig
 from .errors import ConfigError, InputError, SessionError
 from .session import Session
 from .stages import augment, configure, infer as infer_stage, records, split, train as train_stage
@@ -70,6 +71,19 @@ def evaluate(session_folder: Path, overrides: dict):
     return _timed("evaluate", lambda: evaluate_annotations(config, Path(session_folder)))
 
 
+def export(session_folder: Path, overrides: dict):
+    """``drip export``: the model as ONNX or TorchScript (see ``drip.export``)."""
+    from .export import export as export_model
+
+    config = ExportConfig().updated(overrides, CLI)
+    model_path = infer_stage.resolve_model_path(config.model, Path(session_folder))
+    path = _timed(
+        "export", lambda: export_model(model_path, config.format, config.output, config.image_size)
+    )
+    console.info(f"exported {model_path} as {config.format} to {path}")
+    return path
+
+
 def list_networks() -> None:
     from .models import NETWORKS
 
@@ -100,6 +114,11 @@ def _check_inputs(config: Config) -> None:
         raise InputError(f"--class_map_path {config.class_map_path}: not found; fix the path or leave the flag out to take classes from the annotations")
     if config.eval_percentage >= 100:
         raise ConfigError("--eval_percentage 100 leaves nothing to train on; use a value below 100")
+    from . import models
+
+    # A model file given as --network is read now: a missing, damaged or refused (code-running)
+    # file must not cost the current session or an hour of data preparation.
+    models.network_name(config.network)
 
 
 def _timed(name: str, fn):

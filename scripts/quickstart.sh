@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 PY=.venv/bin/python
 
+# Drip uses the CPU only when asked: ask, when this machine has no NVIDIA GPU.
+device=()
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || device=(--device cpu)
+
 $PY training_starter.py \
     --src_json_path files/metadata.json \
     --image_folder_path files/images/ \
@@ -19,9 +23,10 @@ $PY training_starter.py \
     --image_size 320 \
     --number_of_steps 300 \
     --augmentations 2 \
+    "${device[@]}" \
     "$@"
 
-$PY inference_starter.py --images_path files/test_images/ --threshold 50
+$PY inference_starter.py --images_path files/test_images/ --threshold 50 "${device[@]}"
 
 echo "[drip] done: results in files/results/, the session in pipeline/dl/;"
 echo "[drip] to watch training curves: .venv/bin/tensorboard --logdir pipeline/dl/logs"

@@ -44,44 +44,37 @@ folder) are told apart by keeping the extension of every one after the first in 
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ..config import InferConfig
-from ..console import info, progress, warn
-from ..errors import InputError, ModelError, SessionError
-from ..images import IMAGE_EXTENSIONS, is_image_file, open_rgb
-from ..session import Session, move, write_json
+from ..console import info, warn
+from ..errors import ModelError
 
-GROUP_INDEX = "detections.json"
-TRASH = "trash"
-METRICS = "metrics.json"
-COCO_RESULTS = "coco_results.json"
-
-
-@dataclass
-class InferResult:
-    groups: dict[str, Path]  # group name -> its results folder
-    images: int  # images decoded and run through the model
-    detections: int  # detections kept (score >= threshold) over all images
-    seconds: float
-    failed: int = 0  # images that could not be decoded (listed in their group's detections.json)
-    metrics: Any = None  # drip.evaluate.Metrics with --src_json_path, else None
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    path: Path  # the file to read
-    rel: str  # posix path relative to images_path, as written in the JSON
-    group: str
-    out_stem: str  # posix path inside the group's results folder, without extension
+# The torch-free half of inference lives in drip.results, shared with drip.onnx_infer; the names
+# are re-exported here, where callers have always found them.
+from ..results import (  # noqa: F401
+    COCO_RESULTS,
+    GROUP_INDEX,
+    METRICS,
+    TRASH,
+    ImageJob,
+    InferResult,
+    detection_records,
+    draw_detections,
+    find_images,
+    resize_for_model,
+    resized_size,
+    resolve_model_path,
+    run_groups,
+    summary,
+    trash_earlier_results,
+)
+from ..session import Session, write_json
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -133,79 +126,27 @@ def run_loaded(
 
         scoring = Scoring(annotations, names, str(config.src_json_path))
 
-    _trash_earlier_results(results_path, list(groups) + [METRICS, COCO_RESULTS])
-    total = sum(len(jobs) for jobs in groups.values())
-    out_dirs: dict[str, Path] = {}
-    n_images = n_detections = n_failed = 0
-    with progress(total=total, desc="infer") as bar, _score_floor(model, scoring, config.threshold):
-        for group, jobs in groups.items():
-            out_dir = results_path / group
-            out_dir.mkdir(parents=True, exist_ok=True)
-            out_dirs[group] = out_dir
-            records: list[dict[str, Any]] = []
-            errors: list[dict[str, str]] = []
-            pending: list[tuple[ImageJob, Image.Image]] = []
+    trash_earlier_results(results_path, list(groups) + [METRICS, COCO_RESULTS])
+    index = {
+        "images_path": str(images_path),
+        "model": str(model_path),
+        "network": getattr(loaded, "network", None),
+        "classes": names,
+        "threshold": config.threshold,
+        "image_size": size,
+    }
 
-            def flush() -> None:
-                records.extend(
-                    _predict_batch(
-                        model, pending, size, device, names, config.threshold, out_dir, config.batch_size, scoring
-                    )
-                )
-                bar.update(len(pending))
-                pending.clear()
+    def predict(batch: Sequence[tuple[ImageJob, Image.Image]]) -> list[list[dict[str, Any]]]:
+        return _predict_batch(model, batch, size, device, names, config.threshold, config.batch_size, scoring)
 
-            for job in jobs:
-                try:
-                    image = open_rgb(job.path)
-                except InputError as exc:
-                    # One bad file must not cost the rest of a long run: note it and go on.
-                    warn(str(exc))
-                    errors.append({"image": job.rel, "error": str(exc)})
-                    bar.update(1)
-                    continue
-                pending.append((job, image))
-                if len(pending) >= config.batch_size:
-                    flush()
-            if pending:
-                flush()
-
-            group_detections = sum(len(r["detections"]) for r in records)
-            per_class: dict[str, int] = {}
-            for record in records:
-                for det in record["detections"]:
-                    per_class[det["label"]] = per_class.get(det["label"], 0) + 1
-            write_json(
-                out_dir / GROUP_INDEX,
-                {
-                    "group": group,
-                    "images_path": str(images_path),
-                    "model": str(model_path),
-                    "network": getattr(loaded, "network", None),
-                    "classes": names,
-                    "threshold": config.threshold,
-                    "image_size": size,
-                    "counts": {
-                        "images": len(records),
-                        "detections": group_detections,
-                        "errors": len(errors),
-                        "per_class": dict(sorted(per_class.items())),
-                    },
-                    "images": records,
-                    "errors": errors,
-                },
-            )
-            n_images += len(records)
-            n_detections += group_detections
-            n_failed += len(errors)
+    with _score_floor(model, scoring, config.threshold):
+        out_dirs, n_images, n_detections, n_failed = run_groups(
+            groups, results_path, config.batch_size, predict, index
+        )
 
     metrics = _write_scores(scoring, results_path, config, model_path, loaded, size) if scoring else None
     seconds = time.perf_counter() - started
-    failed = f"; {n_failed} could not be read (see errors in detections.json)" if n_failed else ""
-    info(
-        f"infer: {n_images} images, {n_detections} detections in {seconds:.1f}s; results in "
-        f"{results_path} ({len(out_dirs)} group{'s' if len(out_dirs) != 1 else ''}){failed}"
-    )
+    info(summary(n_images, n_detections, seconds, results_path, len(out_dirs), n_failed))
     return InferResult(
         groups=out_dirs, images=n_images, detections=n_detections, seconds=seconds, failed=n_failed, metrics=metrics
     )
@@ -271,152 +212,6 @@ def _write_scores(scoring: Any, results_path: Path, config: InferConfig, model_p
     info(f"infer: metrics against {config.src_json_path} in {results_path / METRICS}{also}")
     return metrics
 
-
-# -- inputs -----------------------------------------------------------------------------------
-def resolve_model_path(model: str | None, session_folder: Path) -> Path:
-    """The model file: ``model`` as a file, a ``dl`` folder or a session folder; else the session's."""
-    if model is None:
-        path = Path(session_folder) / "dl" / "model.pt"
-        if not path.is_file():
-            raise SessionError(
-                f"{path}: no exported model in this session; train first (drip train "
-                f"--session_folder {session_folder}) or pass --model PATH"
-            )
-        return path
-    given = Path(model)
-    if given.is_file():
-        return given
-    if given.is_dir():
-        for candidate in (given / "model.pt", given / "dl" / "model.pt"):
-            if candidate.is_file():
-                return candidate
-        raise ModelError(
-            f"--model {model}: folder holds neither model.pt nor dl/model.pt; pass a model file "
-            "exported by Drip or a session folder that finished training"
-        )
-    raise ModelError(f"--model {model}: no such file or folder; check the path or train first")
-
-
-def find_images(images_path: Path, results_path: Path | None = None) -> dict[str, list[ImageJob]]:
-    """Every image under ``images_path`` by group, both sorted; the results folder is skipped."""
-    images_path = Path(images_path)
-    if not images_path.is_dir():
-        what = "is a file" if images_path.exists() else "does not exist"
-        raise InputError(
-            f"--images_path {images_path} {what}; pass a folder holding one sub-folder of images "
-            "per group"
-        )
-    real_images = Path(os.path.realpath(images_path))
-    real_results = Path(os.path.realpath(results_path)) if results_path is not None else None
-    if real_results is not None and real_images.is_relative_to(real_results):
-        # Earlier results are moved to the trash before writing: that would move the input.
-        raise InputError(
-            f"--images_path {images_path} is inside --results_path {results_path}; pick a "
-            "results folder outside the images"
-        )
-    top_group = real_images.name or "images"
-    groups: dict[str, list[ImageJob]] = {}
-    for path, rel in _walk_images(images_path, real_results):
-        parts = PurePosixPath(rel).parts
-        group, inner = (parts[0], "/".join(parts[1:])) if len(parts) > 1 else (top_group, rel)
-        groups.setdefault(group, []).append(ImageJob(path, rel, group, inner))
-    if not groups:
-        raise InputError(
-            f"--images_path {images_path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} "
-            "in it and its sub-folders); put the images there or pass the right folder"
-        )
-    _check_group_names(groups, images_path, top_group)
-    return {
-        group: _name_outputs(sorted(groups[group], key=lambda job: job.rel))
-        for group in sorted(groups)
-    }
-
-
-def _walk_images(root: Path, skip: Path | None):
-    """(path, posix path relative to root) of every image file, following folder symlinks once."""
-    seen: set[tuple[int, int]] = set()
-
-    def unreadable(exc: OSError) -> None:
-        warn(f"{exc.filename}: cannot list folder ({exc.strerror}); its images are left out")
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
-        # Users link camera folders in; following links is worth a guard against link loops.
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(".")
-            and (skip is None or Path(os.path.realpath(os.path.join(dirpath, d))) != skip)
-        )
-        base = Path(dirpath)
-        for name in sorted(filenames):
-            path = base / name
-            if name.startswith(".") or not is_image_file(path) or not path.is_file():
-                continue
-            yield path, path.relative_to(root).as_posix()
-
-
-def _check_group_names(groups: dict[str, list[ImageJob]], images_path: Path, top_group: str) -> None:
-    by_folded: dict[str, str] = {}
-    for group in groups:
-        if group.casefold() == TRASH:
-            raise InputError(
-                f"{images_path / group}: a group named {group!r} would mix with the results "
-                f"trash folder; rename the folder"
-            )
-        # Case-insensitive file systems (macOS, Windows) would merge two such results folders.
-        other = by_folded.setdefault(group.casefold(), group)
-        if other != group:
-            raise InputError(
-                f"{images_path}: groups {other!r} and {group!r} would share a results folder; "
-                "rename one of the folders"
-            )
-    top_level = [job for job in groups.get(top_group, []) if "/" not in job.rel]
-    if top_level and len(top_level) != len(groups[top_group]):
-        raise InputError(
-            f"{images_path}: images directly in it and in its sub-folder {top_group!r} would "
-            f"share the results folder {top_group!r}; move the loose images into a sub-folder"
-        )
-
-
-def _name_outputs(jobs: list[ImageJob]) -> list[ImageJob]:
-    """Give each job an output stem no other job of the group uses (see the module docstring)."""
-    # Folded keys: on a case-insensitive disk A.json and a.json are one file.
-    taken = {PurePosixPath(GROUP_INDEX).stem.casefold()}
-    out = []
-    for job in jobs:
-        inner = PurePosixPath(job.out_stem)
-        candidates = [str(inner.with_suffix("")), str(inner)]
-        stem = next((c for c in candidates if c.casefold() not in taken), None)
-        n = 1
-        while stem is None:
-            n += 1
-            if f"{inner}-{n}".casefold() not in taken:
-                stem = f"{inner}-{n}"
-        taken.add(stem.casefold())
-        out.append(ImageJob(job.path, job.rel, job.group, stem))
-    return out
-
-
-def _trash_earlier_results(results_path: Path, groups: list[str]) -> None:
-    earlier = [results_path / group for group in groups if (results_path / group).exists()]
-    if not earlier:
-        return
-    target = results_path / TRASH / time.strftime("%Y%m%d-%H%M%S")
-    n = 1
-    while target.exists():  # two runs in one second must not mix
-        n += 1
-        target = target.with_name(f"{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-    target.mkdir(parents=True)
-    for path in earlier:
-        move(path, target / path.name)
-        info(f"moved earlier results {path} to {target / path.name}")
-
-
 # -- the model --------------------------------------------------------------------------------
 def _fit_model_input(model: torch.nn.Module, size: int) -> None:
     """Make a torchvision detector take our resized images as they are.
@@ -429,11 +224,6 @@ def _fit_model_input(model: torch.nn.Module, size: int) -> None:
 
         set_image_size(model, size)
 
-
-def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) with the longer side ``size`` and the aspect ratio kept."""
-    scale = size / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def forward_batch(
@@ -451,9 +241,7 @@ def forward_batch(
     """
     tensors, shapes = [], []
     for image in images:
-        shape = resized_size(image.width, image.height, size)
-        small = image if shape == image.size else image.resize(shape, Image.BILINEAR)
-        array = np.asarray(small, dtype=np.uint8)
+        array, shape = resize_for_model(image, size)
         tensors.append(torch.from_numpy(array.copy()).permute(2, 0, 1).to(device).float().div_(255))
         shapes.append(shape)
     try:
@@ -486,28 +274,24 @@ def _predict_batch(
     device: torch.device,
     names: list[str],
     threshold: float,
-    out_dir: Path,
     batch_size: int,
     scoring: Any = None,
-) -> list[dict[str, Any]]:
+) -> list[list[dict[str, Any]]]:
+    """The detection records of each image of ``batch`` (and each fed to ``scoring``)."""
     results = forward_batch(model, [image for _, image in batch], size, device, batch_size)
-    records = []
+    out = []
     for (job, image), (output, shape) in zip(batch, results):
         if scoring is not None and scoring.wants(job.rel):
             from ..evaluate import detections_from_output
 
             scoring.add(job.rel, image.size, detections_from_output(job.rel, output, image.size, shape))
-        detections = to_detections(
-            output["boxes"], output["scores"], output["labels"],
-            size=image.size, resized=shape, threshold=threshold, names=names,
+        out.append(
+            to_detections(
+                output["boxes"], output["scores"], output["labels"],
+                size=image.size, resized=shape, threshold=threshold, names=names,
+            )
         )
-        record = {"image": job.rel, "width": image.width, "height": image.height, "detections": detections}
-        json_path = out_dir / f"{job.out_stem}.json"
-        write_json(json_path, record)
-        drawn_path = out_dir / f"{job.out_stem}.jpg"
-        draw_detections(image, detections).save(drawn_path, format="JPEG", quality=90)
-        records.append({**record, "result": f"{job.out_stem}.json", "drawn": f"{job.out_stem}.jpg"})
-    return records
+    return out
 
 
 def to_detections(
@@ -535,59 +319,4 @@ def to_detections(
     keep = scores >= torch.tensor(threshold / 100.0, dtype=scores.dtype)
     order = torch.argsort(scores[keep], descending=True, stable=True)
     boxes, scores, labels = boxes[keep][order], scores[keep][order], labels[keep][order]
-    width, height = size
-    out = []
-    for (x0, y0, x1, y1), score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-        if x1 <= x0 or y1 <= y0:
-            continue
-        class_id = int(label)
-        name = names[class_id - 1] if 1 <= class_id <= len(names) else f"class_{class_id}"
-        out.append(
-            {
-                "class_id": class_id,
-                "label": name,
-                "score": round(float(score), 4),
-                "box": [round(v, 2) for v in (x0, y0, x1, y1)],
-                "box_normalized": [
-                    round(x0 / width, 6), round(y0 / height, 6), round(x1 / width, 6), round(y1 / height, 6)
-                ],
-            }
-        )
-    return out
-
-
-# -- drawing ----------------------------------------------------------------------------------
-_PALETTE = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
-)
-
-
-def draw_detections(image: Image.Image, detections: list[dict[str, Any]]) -> Image.Image:
-    """A copy of ``image`` with each detection's box and ``label score`` drawn, colour by class."""
-    out = image.copy()
-    draw = ImageDraw.Draw(out)
-    # Scale line and text with the image so they are readable on a phone photo and a thumbnail.
-    longer = max(image.size)
-    line = max(1, round(longer / 320))
-    font = _font(max(10, round(longer / 45)))
-    for det in detections:
-        colour = _PALETTE[(det["class_id"] - 1) % len(_PALETTE)]
-        x0, y0, x1, y1 = det["box"]
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=line)
-        text = f"{det['label']} {det['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tw, th = right - left, bottom - top
-        ty = y0 - th - 2 * line if y0 - th - 2 * line >= 0 else y0  # above the box, else inside
-        draw.rectangle([x0, ty, x0 + tw + 2 * line, ty + th + 2 * line], fill=colour)
-        brightness = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-        draw.text((x0 + line - left, ty + line - top), text, font=font,
-                  fill=(0, 0, 0) if brightness > 140 else (255, 255, 255))
-    return out
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
+    return detection_records(boxes.tolist(), scores.tolist(), labels.tolist(), size, names)
