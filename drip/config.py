@@ -31,8 +31,40 @@ def _opt(default, help, group, *, choices=None, low=None, high=None, flag=True):
     return field(default=default, metadata=meta)
 
 
+class _Schema:
+    """What every config dataclass of ``_opt`` fields can do: check, update, list its fields."""
+
+    @classmethod
+    def fields(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], source: str):
+        """Build from defaults plus ``values``; ``source`` names where they came from."""
+        return cls().updated(values, source)
+
+    def updated(self, values: dict[str, Any], source: str):
+        """A copy with ``values`` applied, each checked against the schema."""
+        known = self.fields()
+        changes = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, known)}")
+            where = f"--{key} {value}" if source == CLI else f"{source}: {key}={value!r}"
+            changes[key] = _check(known[key], value, where)
+        if changes.get("version", CONFIG_VERSION) != CONFIG_VERSION:
+            raise ConfigError(
+                f"{source}: version {changes['version']} is not supported by this Drip "
+                f"(it reads version {CONFIG_VERSION}); start a new session"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class Config:
+class Config(_Schema):
     """Everything that decides what a training session does. Paths are as the user gave them."""
 
     # -- data ---------------------------------------------------------------------------------
@@ -100,14 +132,15 @@ class Config:
     network: str = _opt(
         "fasterrcnn_mobilenet_v3_large_fpn",
         "A torchvision detector by name (see 'drip networks') or the path of a model file "
-        "exported by Drip. The default trains fast on a laptop CPU and well on a GPU.",
+        "exported by Drip (or of a .zip holding one). The default trains fast on a laptop CPU "
+        "and well on a GPU.",
         "model",
     )
     weights: str = _opt(
         "coco",
         "Starting point: 'coco' (detector pretrained on COCO, downloaded once into the "
         "session folder's cache), 'imagenet' (backbone only), 'none' (from scratch), or the "
-        "path of a torchvision state_dict file for --network.",
+        "path of a torchvision state_dict file for --network (or of a .zip holding one).",
         "model",
     )
     image_size: int = _opt(
@@ -158,6 +191,38 @@ class Config:
         10.0, "Clip the gradient norm at this value (0 = off).", "train", low=0.0
     )
     amp: bool = _opt(True, "Mixed precision on CUDA (ignored on the CPU).", "train")
+    online_augmentation: str = _opt(
+        "jitter",
+        "Augmentation drawn afresh for every training sample, on top of the copies the augment "
+        "stage wrote: 'jitter' (horizontal flip, a random zoom in or out of the frame and a "
+        "brightness/contrast/saturation change), 'flip' (horizontal flip only) or 'none'. "
+        "Decided per sample from the seed, so a resumed run sees the same images.",
+        "train",
+        choices=("jitter", "flip", "none"),
+    )
+    ema: bool = _opt(
+        True,
+        "Keep an exponential moving average of the weights and evaluate and export it: "
+        "smoother than the last step's weights, usually a few AP points better.",
+        "train",
+    )
+    ema_decay: float = _opt(
+        0.999,
+        "EMA decay per step (ramped up from 0 over the first steps, so early weights fade "
+        "fast); the average spans about 1/(1-decay) steps.",
+        "train",
+        low=0.0,
+        high=0.99999,
+    )
+    box_batch_size_per_image: int | None = _opt(
+        None,
+        "Faster R-CNN only: region proposals sampled per image to train the box head "
+        "(torchvision's default 512). On a CPU most of a step goes into them; 128 is about "
+        "3x faster and enough for images with a handful of objects.",
+        "train",
+        low=1,
+        high=4096,
+    )
     device: str = _opt(
         "auto",
         "'auto' picks CUDA when PyTorch sees a GPU, else the CPU.",
@@ -177,6 +242,14 @@ class Config:
     keep_checkpoints: int = _opt(
         3, "Checkpoints kept in checkpoints/; older ones are removed.", "train", low=1
     )
+    allow_changed_data: bool = _opt(
+        False,
+        "With --resume_training: continue although the records changed since the checkpoint "
+        "(the records stage was rerun on other images or another split). Off, Drip refuses and "
+        "says what changed, because the run would then mix two data sets. Applies to the run it "
+        "is given to; never kept in pipeline.config.",
+        "train",
+    )
     log_every: int = _opt(
         10,
         "Write losses, learning rate and images/s to TensorBoard every this many steps; "
@@ -184,37 +257,16 @@ class Config:
         "train",
         low=1,
     )
+    eval_every: int = _opt(
+        500,
+        "Evaluate on the eval split every this many steps and at the end (0 = only at the "
+        "end): COCO metrics to TensorBoard, metrics.jsonl and the console; the checkpoint "
+        "with the best AP is kept as checkpoints/best.pt and exported as model.pt.",
+        "train",
+        low=0,
+    )
 
     version: int = _opt(CONFIG_VERSION, "Schema version of this file.", "meta", flag=False)
-
-    # -- schema helpers ---------------------------------------------------------------------
-    @classmethod
-    def fields(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any], source: str) -> "Config":
-        """Build a Config from defaults plus ``values``; ``source`` names where they came from."""
-        return cls().updated(values, source)
-
-    def updated(self, values: dict[str, Any], source: str) -> "Config":
-        """A copy with ``values`` applied, each checked against the schema."""
-        known = self.fields()
-        changes = {}
-        for key, value in values.items():
-            if key not in known:
-                raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, known)}")
-            where = f"--{key} {value}" if source == CLI else f"{source}: {key}={value!r}"
-            changes[key] = _check(known[key], value, where)
-        if changes.get("version", CONFIG_VERSION) != CONFIG_VERSION:
-            raise ConfigError(
-                f"{source}: version {changes['version']} is not supported by this Drip "
-                f"(it reads version {CONFIG_VERSION}); start a new session"
-            )
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     # -- the commented file -----------------------------------------------------------------
     def to_text(self) -> str:
@@ -348,41 +400,14 @@ def _check(f: dataclasses.Field, value: Any, where: str) -> Any:
 
 
 @dataclass
-class InferConfig:
-    """What ``drip infer`` does: which model, on which images, where the results go.
+class _ModelRun(_Schema):
+    """The settings of running a trained model, shared by ``drip infer`` and ``drip evaluate``."""
 
-    A separate schema from ``Config`` because inference runs long after training, often with a
-    model from another session; it shares Config's checking (borrowed below) so its flags are
-    generated, range-checked and suggested the same way.
-    """
-
-    images_path: str = _opt(
-        "files/images/",
-        "A folder of folders: each sub-folder (one camera, one day, one site) gets its own "
-        "results folder; images directly in this folder form a group named after it. "
-        "Sub-folders deeper down are kept in the results.",
-        "data",
-    )
-    results_path: str = _opt(
-        "files/results/",
-        "Where each group's results go: <results_path>/<group>/ with one drawn JPEG and one "
-        "JSON per image and a detections.json for the group. Earlier results of the same group "
-        "are moved to <results_path>/trash/<timestamp>/, never overwritten.",
-        "data",
-    )
     model: str | None = _opt(
         None,
         "The model to run: a model file exported by Drip, or a session folder (its dl/model.pt "
         "is used). By default the current session's exported model, <session_folder>/dl/model.pt.",
         "model",
-    )
-    threshold: float = _opt(
-        60.0,
-        "Minimum score, in percent, for a detection to be kept. Lower finds more objects and "
-        "more false alarms; 60 suits a model trained to convergence.",
-        "model",
-        low=0.0,
-        high=100.0,
     )
     image_size: int | None = _opt(
         None,
@@ -405,6 +430,39 @@ class InferConfig:
         "infer",
         choices=("auto", "cpu", "cuda"),
     )
+
+
+@dataclass
+class InferConfig(_ModelRun):
+    """What ``drip infer`` does: which model, on which images, where the results go.
+
+    A separate schema from ``Config`` because inference runs long after training, often with a
+    model from another session; the same ``_Schema`` checks generate, range-check and suggest
+    its flags.
+    """
+
+    images_path: str = _opt(
+        "files/images/",
+        "A folder of folders: each sub-folder (one camera, one day, one site) gets its own "
+        "results folder; images directly in this folder form a group named after it. "
+        "Sub-folders deeper down are kept in the results.",
+        "data",
+    )
+    results_path: str = _opt(
+        "files/results/",
+        "Where each group's results go: <results_path>/<group>/ with one drawn JPEG and one "
+        "JSON per image and a detections.json for the group. Earlier results of the same group "
+        "are moved to <results_path>/trash/<timestamp>/, never overwritten.",
+        "data",
+    )
+    threshold: float = _opt(
+        60.0,
+        "Minimum score, in percent, for a detection to be kept. Lower finds more objects and "
+        "more false alarms; 60 suits a model trained to convergence.",
+        "model",
+        low=0.0,
+        high=100.0,
+    )
     src_json_path: str | None = _opt(
         None,
         "Annotations of these images (COCO JSON, Drip JSON or a VOC folder; image paths relative "
@@ -414,20 +472,12 @@ class InferConfig:
         "data",
     )
 
-    # Config's schema helpers work on any dataclass of _opt fields; borrowing them keeps one
-    # implementation of the checks and leaves Config itself untouched.
-    fields = classmethod(Config.fields.__func__)
-    from_mapping = classmethod(Config.from_mapping.__func__)
-    updated = Config.updated
-    to_dict = Config.to_dict
-
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(_ModelRun):
     """What ``drip evaluate`` does: which model, on which annotated images, where the metrics go.
 
-    Its model, image_size, batch_size and device flags mean what InferConfig's do; the checks
-    are Config's, borrowed as InferConfig borrows them.
+    Its model, image_size, batch_size and device flags are InferConfig's (``_ModelRun``).
     """
 
     images_path: str = _opt(
@@ -447,35 +497,36 @@ class EvaluateConfig:
         "precision-recall curves. An earlier file there is moved to <its folder>/trash/<timestamp>/.",
         "data",
     )
+
+
+@dataclass
+class ExportConfig(_Schema):
+    """What ``drip export`` does: which model, in which format, to which file."""
+
     model: str | None = _opt(
         None,
-        "The model to score: a model file exported by Drip, or a session folder (its dl/model.pt "
-        "is used). By default the current session's exported model, <session_folder>/dl/model.pt.",
+        "The model to export: a model file exported by Drip, or a session folder (its "
+        "dl/model.pt is used). By default the current session's, <session_folder>/dl/model.pt.",
         "model",
+    )
+    format: str = _opt(
+        "onnx",
+        "'onnx' runs in ONNX Runtime without PyTorch (drip infer --model model.onnx, or any "
+        "ONNX runtime); 'torchscript' runs in PyTorch's C++ or Python runtime without Drip.",
+        "model",
+        choices=("onnx", "torchscript"),
+    )
+    output: str | None = _opt(
+        None,
+        "The file to write; an ONNX model's name must end in .onnx. By default beside the "
+        "model: model.onnx or model.torchscript.pt.",
+        "data",
     )
     image_size: int | None = _opt(
         None,
-        "Longer image side, in pixels, fed to the model. By default the size the model was "
-        "trained at, which is where it is most accurate.",
+        "Longer image side, in pixels, the exported model takes: it becomes a constant of the "
+        "graph. By default the size the model was trained at.",
         "model",
         low=32,
         high=4096,
     )
-    batch_size: int = _opt(
-        4,
-        "Images per forward pass: larger is faster on a GPU until memory runs out; 1-4 on a CPU.",
-        "infer",
-        low=1,
-        high=1024,
-    )
-    device: str = _opt(
-        "auto",
-        "'auto' picks CUDA when PyTorch sees a GPU, else the CPU.",
-        "infer",
-        choices=("auto", "cpu", "cuda"),
-    )
-
-    fields = classmethod(Config.fields.__func__)
-    from_mapping = classmethod(Config.from_mapping.__func__)
-    updated = Config.updated
-    to_dict = Config.to_dict

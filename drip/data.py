@@ -7,13 +7,15 @@ torchvision detector takes: a CHW float image in 0..1 whose longer side is ``ima
 
 ``StepBatchSampler`` decides which records make up each training step from the step number
 alone, so a run resumed at step N reads exactly what an uninterrupted run would have read, and the
-random horizontal flip is decided per sample from ``(seed, sample counter)``, never from a global
+online augmentation (``ONLINE_AUGMENTATIONS``: a horizontal flip, and with ``jitter`` a random zoom
+and a colour change) is drawn per sample from ``(seed, sample counter)``, never from a global
 random state, so it does not depend on the number of data-loading workers either.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 from array import array
 from pathlib import Path
@@ -32,6 +34,23 @@ from .tfrecord import decode_example, index_records, read_record_at
 # sample's augmentation.
 SampleKey = int | tuple[int, int]
 
+# What ``RecordDataset`` draws afresh for every training sample, on top of the augment stage's
+# copies on disk. ``jitter`` follows what detection recipes apply online (torchvision's
+# references/detection "ssd"/"lsj" presets, YOLO's HSV and scale gains), kept mild because the
+# offline policy already moves and recolours the copies:
+# - a zoom by a factor from 0.75 to 1.33 (log-uniform) on half the samples: zooming out shrinks the
+#   frame onto a canvas of the image's mean colour, zooming in crops a random window, so objects
+#   are seen at more sizes and positions while the input keeps its size (the detector's own
+#   transform would undo a plain resize);
+# - brightness, contrast and saturation each scaled by a factor from 0.75 to 1.25.
+ONLINE_AUGMENTATIONS = ("jitter", "flip", "none")
+_ZOOM = (0.75, 4 / 3)
+_ZOOM_P = 0.5
+_COLOUR = 0.25
+# A box cut by a zoom-in crop is kept when this much of it is still in the frame (the built-in
+# policy's min_visibility), and when it is at least a pixel on each side.
+_MIN_VISIBLE = 0.3
+
 _GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads (seed, counter) over the seed space
 _U64 = 1 << 64
 
@@ -44,8 +63,9 @@ def sample_seed(seed: int, counter: int) -> int:
 class RecordDataset(Dataset):
     """Detection samples read from TFRecord shards written by the records stage.
 
-    ``train`` turns on the augmentation done here (a horizontal flip with probability 0.5);
-    the heavier augmentation was already written to disk by the augment stage.
+    ``train`` turns on the ``augmentation`` done here (one of ``ONLINE_AUGMENTATIONS``; ``flip``
+    is a horizontal flip with probability 0.5) for samples keyed ``(counter, index)``; the
+    heavier augmentation was already written to disk by the augment stage.
     ``num_classes`` (label-map size, background excluded), when given, makes a label outside
     1..num_classes an error naming the record instead of a crash deep inside the model.
     """
@@ -57,12 +77,16 @@ class RecordDataset(Dataset):
         train: bool,
         seed: int = 0,
         num_classes: int | None = None,
+        augmentation: str = "flip",
     ):
+        if augmentation not in ONLINE_AUGMENTATIONS:
+            raise ValueError(f"augmentation {augmentation!r} is not one of {', '.join(ONLINE_AUGMENTATIONS)}")
         self.shard_paths = [Path(p) for p in shard_paths]
         self.image_size = int(image_size)
         self.train = train
         self.seed = int(seed)
         self.num_classes = num_classes
+        self.augmentation = augmentation
         # Two flat integer arrays rather than a list of tuples: 16 bytes a record.
         self._shard = array("q")
         self._offset = array("q")
@@ -127,16 +151,73 @@ class RecordDataset(Dataset):
         keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
         boxes, labels = boxes[keep], labels[keep]
 
-        if self.train and counter is not None and _flip(self.seed, counter):
-            image = image.flip(-1)
-            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+        if self.train and counter is not None and self.augmentation != "none":
+            image, boxes, labels = augment_sample(image, boxes, labels, sample_seed(self.seed, counter), self.augmentation)
 
         return image, {"boxes": boxes, "labels": labels}
 
 
-def _flip(seed: int, counter: int) -> bool:
-    generator = torch.Generator().manual_seed(sample_seed(seed, counter))
-    return bool(torch.rand((), generator=generator) < 0.5)
+def augment_sample(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, seed: int, augmentation: str):
+    """The online augmentation of one sample, every random draw from a generator seeded with ``seed``.
+
+    The flip is the generator's first draw, so ``flip`` and ``jitter`` flip the same samples.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    width = image.shape[-1]
+    if uniform(0, 1) < 0.5:
+        image = image.flip(-1)
+        boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+    if augmentation != "jitter":
+        return image, boxes, labels
+    # Every draw is made whether or not it is used, so one sample's draws never shift another's.
+    zoom_draw = uniform(0, 1)
+    zoom = math.exp(uniform(math.log(_ZOOM[0]), math.log(_ZOOM[1])))
+    place_x, place_y = uniform(0, 1), uniform(0, 1)
+    brightness, contrast, saturation = (uniform(1 - _COLOUR, 1 + _COLOUR) for _ in range(3))
+    if zoom_draw < _ZOOM_P:
+        image, boxes, labels = _zoom(image, boxes, labels, zoom, place_x, place_y)
+    return _colour(image, brightness, contrast, saturation), boxes, labels
+
+
+def _zoom(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, zoom: float, place_x: float, place_y: float):
+    """Scale the content by ``zoom`` inside a frame of the same size: pad (out) or crop (in)."""
+    height, width = image.shape[-2:]
+    new_h, new_w = max(1, round(height * zoom)), max(1, round(width * zoom))
+    scaled = torch.nn.functional.interpolate(
+        image[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=zoom < 1
+    )[0].clamp_(0, 1)
+    sx, sy = new_w / width, new_h / height
+    boxes = boxes * torch.tensor([sx, sy, sx, sy])
+    if zoom < 1:
+        left, top = round((width - new_w) * place_x), round((height - new_h) * place_y)
+        canvas = image.mean(dim=(1, 2), keepdim=True).expand(-1, height, width).clone()
+        canvas[:, top:top + new_h, left:left + new_w] = scaled
+        boxes = boxes + torch.tensor([left, top, left, top], dtype=boxes.dtype)
+        return canvas, boxes, labels
+    left, top = round((new_w - width) * place_x), round((new_h - height) * place_y)
+    cropped = scaled[:, top:top + height, left:left + width]
+    shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
+    clipped = shifted.clone()
+    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
+    area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
+    visible = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    keep = (visible >= _MIN_VISIBLE * area) & ((clipped[:, 2] - clipped[:, 0]) >= 1) & ((clipped[:, 3] - clipped[:, 1]) >= 1)
+    return cropped.contiguous(), clipped[keep], labels[keep]
+
+
+def _colour(image: torch.Tensor, brightness: float, contrast: float, saturation: float) -> torch.Tensor:
+    """torchvision's ColorJitter arithmetic (brightness, contrast, saturation) on a 0..1 CHW image."""
+    gray_weights = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype).view(3, 1, 1)
+    image = (image * brightness).clamp_(0, 1)
+    mean = (image * gray_weights).sum(0).mean()
+    image = ((image - mean) * contrast + mean).clamp_(0, 1)
+    gray = (image * gray_weights).sum(0, keepdim=True)
+    return ((image - gray) * saturation + gray).clamp_(0, 1)
 
 
 def _load_image(encoded: bytes, size: int, where: str) -> torch.Tensor:
