@@ -2,7 +2,7 @@
 # The quick start: trains a small detector on the bundled sample data (files/), then runs it on
 # files/test_images/ and writes JSON results to files/results/. Installs what it needs into .venv.
 #
-# It trains from scratch (--weights none) for a few hundred steps so that it finishes in minutes
+# It trains from scratch (--weights none) for 100 steps so that it runs on a laptop CPU
 # on a laptop CPU and needs no download; for real work keep the default COCO weights.
 # Extra arguments go to training_starter.py, e.g.  scripts/quickstart.sh --number_of_steps 50
 set -euo pipefail
@@ -20,9 +20,9 @@ $PY training_starter.py \
     --class_map_path files/class_map.pbtxt \
     --network fasterrcnn_mobilenet_v3_large_320_fpn \
     --weights none \
-    --image_size 320 \
-    --number_of_steps 300 \
-    --augmentations 2 \
+    --image_size 256 \
+    --number_of_steps 100 \
+    --augmentations 1 \
     "${device[@]}" \
     "$@"
 
