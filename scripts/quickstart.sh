@@ -2,8 +2,8 @@
 # The quick start: trains a small detector on the bundled sample data (files/), then runs it on
 # files/test_images/ and writes JSON results to files/results/. Installs what it needs into .venv.
 #
-# It trains from scratch (--weights none) for 100 steps so that it runs on a laptop CPU
-# on a laptop CPU and needs no download; for real work keep the default COCO weights.
+# It trains from scratch (--weights none) for 100 steps so that it runs on a laptop CPU and
+# needs no download: a demonstration, not a good detector; for real work keep COCO weights.
 # Extra arguments go to training_starter.py, e.g.  scripts/quickstart.sh --number_of_steps 50
 set -euo pipefail
 cd "$(dirname "$0")/.."
