@@ -134,15 +134,20 @@ def make_data(workdir: Path, args) -> dict:
             "eval_percentage": 100.0 * args.eval_images / (args.train_images + args.eval_images)}
 
 
-def score(model: torch.nn.Module, data: dict, image_size: int) -> dict:
-    """COCO metrics on the test images (the same code path as ``drip evaluate``)."""
+def score(model: torch.nn.Module, classes, data: dict, image_size: int) -> dict:
+    """COCO metrics on the test images (the same code path as ``drip evaluate``).
+
+    ``classes`` names the model's class ids 1..K: Drip numbers classes in order of first
+    appearance in the annotations, the plain loop in ``CLASSES`` order.
+    """
+    classes = list(classes)
     truths, pairs = [], []
     for i, ann in enumerate(data["test"]):
         image = Image.open(data["test_dir"] / ann.file).convert("RGB")
-        truths.append(ImageTruth(i, image.width, image.height, ann.boxes, [CLASSES.index(l) + 1 for l in ann.labels]))
+        truths.append(ImageTruth(i, image.width, image.height, ann.boxes, [classes.index(l) + 1 for l in ann.labels]))
         pairs.append((i, image))
     detections = predict(model, pairs, image_size=image_size, device="cpu", batch_size=8)
-    metrics = coco_metrics(truths, detections, CLASSES)
+    metrics = coco_metrics(truths, detections, classes)
     return {"AP50": metrics.AP50 or 0.0, "AP": metrics.AP or 0.0, "per_class_ap50": metrics.per_class_ap50}
 
 
@@ -170,7 +175,7 @@ def run_drip(workdir: Path, data: dict, args) -> dict:
     seconds = time.perf_counter() - started
     session = Session(workdir / "drip")
     loaded = models.load_model(session.model_path, "cpu")
-    result = {**score(loaded.model, data, args.image_size), "train_seconds": seconds,
+    result = {**score(loaded.model, loaded.classes, data, args.image_size), "train_seconds": seconds,
               "exported_step": loaded.meta.get("step"), "overrides": {k: str(v) for k, v in overrides.items()}}
     print(f"drip: AP50 {result['AP50']:.3f} on the test images (model of step {result['exported_step']}), "
           f"{seconds:.0f} s for all stages", flush=True)
@@ -242,7 +247,7 @@ def run_plain(workdir: Path, data: dict, args) -> dict:
             if step >= args.steps:
                 break
     seconds = time.perf_counter() - started
-    result = {**score(model, data, args.image_size), "train_seconds": seconds}
+    result = {**score(model, CLASSES, data, args.image_size), "train_seconds": seconds}
     print(f"plain: AP50 {result['AP50']:.3f} on the test images, {seconds:.0f} s training", flush=True)
     return result
 
