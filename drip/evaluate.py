@@ -611,17 +611,12 @@ def metrics_report(metrics: Metrics, **facts: Any) -> dict[str, Any]:
 
 def set_aside(path: Path) -> Path | None:
     """Move an existing ``path`` to ``<its folder>/trash/<timestamp>/``; return where it went."""
-    from .session import move
+    from .session import move, trash_folder
 
     path = Path(path)
     if not path.exists():
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target, n = path.parent / "trash" / stamp, 1
-    while (target / path.name).exists():  # two runs in one second must not mix
-        n += 1
-        target = path.parent / "trash" / f"{stamp}-{n}"
-    target.mkdir(parents=True, exist_ok=True)
+    target = trash_folder(path.parent / "trash")
     move(path, target / path.name)
     return target / path.name
 

@@ -9,7 +9,6 @@ so the two write the same files (the layout is described in ``drip.stages.infer`
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .console import info, progress, warn
 from .errors import InputError, ModelError, SessionError
 from .images import IMAGE_EXTENSIONS, is_image_file, open_rgb
-from .session import move, write_json
+from .session import move, trash_folder, write_json
 
 GROUP_INDEX = "detections.json"
 TRASH = "trash"
@@ -182,12 +181,7 @@ def trash_earlier_results(results_path: Path, groups: list[str]) -> None:
     earlier = [results_path / group for group in groups if (results_path / group).exists()]
     if not earlier:
         return
-    target = results_path / TRASH / time.strftime("%Y%m%d-%H%M%S")
-    n = 1
-    while target.exists():  # two runs in one second must not mix
-        n += 1
-        target = target.with_name(f"{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-    target.mkdir(parents=True)
+    target = trash_folder(results_path / TRASH)
     for path in earlier:
         move(path, target / path.name)
         info(f"moved earlier results {path} to {target / path.name}")
