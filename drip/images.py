@@ -7,6 +7,7 @@ that cannot be decoded is an ``InputError`` naming it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -29,13 +30,32 @@ def is_image_file(path: Path) -> bool:
 
 def open_rgb(path: Path) -> Image.Image:
     """Decode ``path`` fully into an 8-bit RGB image in display orientation."""
-    path = Path(path)
+    return _decode(Path(path), keep_bytes=False)[0]
+
+
+def open_rgb_checked(path: Path) -> tuple[Image.Image, str]:
+    """``open_rgb``, and the SHA-256 of the bytes it decoded.
+
+    A later stage that finds the same digest for the file knows it decodes without decoding it
+    again (``encode_for_record``): the digest is of exactly the bytes that were decoded.
+    """
+    image, data = _decode(Path(path), keep_bytes=True)
+    return image, hashlib.sha256(data).hexdigest()
+
+
+def _decode(path: Path, keep_bytes: bool) -> tuple[Image.Image, bytes]:
+    """The decoded image, with one-line errors naming ``path``, and the bytes read when kept."""
     try:
-        if path.stat().st_size == 0:
+        if keep_bytes:
+            data = path.read_bytes()
+            size, source = len(data), io.BytesIO(data)
+        else:
+            data, size, source = b"", path.stat().st_size, path
+        if size == 0:
             raise InputError(f"{path}: empty file (0 bytes); replace it or remove it from the annotations")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise InputError(
                         f"{path}: {img.width}x{img.height} pixels is over the {MAX_PIXELS} pixel "
@@ -43,7 +63,7 @@ def open_rgb(path: Path) -> Image.Image:
                     )
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                return _to_rgb(img), data
     except InputError:
         raise
     except FileNotFoundError:
@@ -77,12 +97,14 @@ def load_rgb(path: Path) -> np.ndarray:
     return np.asarray(open_rgb(path))
 
 
-def encode_for_record(path: Path) -> tuple[bytes, str, int, int]:
+def encode_for_record(path: Path, sha256: str | None = None) -> tuple[bytes, str, int, int]:
     """(bytes, format, width, height) for a TFRecord.
 
     An 8-bit RGB JPEG or PNG with no EXIF rotation is stored byte for byte (no quality loss, no
     work); anything else is decoded through ``open_rgb`` and re-encoded, so every record decodes
-    to what the user sees, in any TFRecord reader.
+    to what the user sees, in any TFRecord reader. A stored file is decoded once to check it,
+    unless its bytes have the ``sha256`` of bytes an earlier stage decoded (``open_rgb_checked``)
+    or wrote itself.
     """
     path = Path(path)
     raw = path.read_bytes()
@@ -91,7 +113,8 @@ def encode_for_record(path: Path) -> tuple[bytes, str, int, int]:
             fmt = (img.format or "").lower()
             upright = img.getexif().get(0x0112, 1) == 1
             if upright and img.mode == "RGB" and fmt in ("jpeg", "png"):
-                img.load()  # decode once so a truncated file fails here, not in training
+                if sha256 is None or hashlib.sha256(raw).hexdigest() != sha256:
+                    img.load()  # so a truncated file fails here, not in training
                 return raw, fmt, img.width, img.height
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
         pass  # open_rgb below raises the user-facing error

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from drip.dataset import ImageAnnotation, to_drip_json
-from drip.errors import SessionError
+from drip.errors import InputError, SessionError
+from drip.images import encode_for_record, open_rgb_checked
 from drip.labelmap import LabelMap
 from drip.session import Session, read_json, write_json
 from drip.stages import augment, records
@@ -183,3 +184,15 @@ def test_label_missing_from_label_map_is_a_session_error(session, ready):
     LabelMap.from_names(["circle", "square"]).write(session.label_map_path)
     with pytest.raises(SessionError, match="triangle"):
         records.run(session, ready["config"], workers=1)
+
+
+def test_a_file_is_decoded_again_only_when_it_changed_since_it_was_checked(tmp_path):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    _, digest = open_rgb_checked(path)
+    data, fmt, width, height = encode_for_record(path, digest)
+    assert (data, fmt, width, height) == (path.read_bytes(), "jpeg", 64, 48)
+
+    path.write_bytes(path.read_bytes()[:-600])  # cut short after the check: the digest differs
+    with pytest.raises(InputError, match=r"photo\.jpg: cannot decode image \(image file is truncated"):
+        encode_for_record(path, digest)

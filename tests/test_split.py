@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -56,6 +57,9 @@ def test_split_writes_manifests_label_map_and_report(dataset, session, config):
     for entry in train["images"] + eval_["images"]:
         assert (entry["width"], entry["height"]) == (160, 120)
         assert [o["box"] for o in entry["objects"]] == by_file[entry["file"]].boxes
+        # The digest of the bytes decoded: what lets the records stage skip decoding again.
+        data = (dataset["images"] / entry["file"]).read_bytes()
+        assert entry["extra"]["sha256"] == hashlib.sha256(data).hexdigest()
     assert sum(result.train_objects.values()) + sum(result.eval_objects.values()) == sum(len(a.boxes) for a in dataset["annotations"])
 
     report = _manifest(session.report_path)

@@ -17,6 +17,7 @@ high.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import re
@@ -204,7 +205,8 @@ class _Augmenter:
             out_h, out_w = picture.shape[:2]
             kept, kept_ids = _inside(result["bboxes"], result["object_ids"], out_w, out_h)
             name = f"{task.base}_aug{k}.jpg"
-            _write_atomic(job.out_root / name, encode_jpeg(np.ascontiguousarray(picture), JPEG_QUALITY))
+            encoded = encode_jpeg(np.ascontiguousarray(picture), JPEG_QUALITY)
+            _write_atomic(job.out_root / name, encoded)
             out.append(
                 ImageAnnotation(
                     file=name,
@@ -212,7 +214,8 @@ class _Augmenter:
                     height=out_h,
                     boxes=kept,
                     labels=[task.labels[int(i)] for i in kept_ids],
-                    extra={"source": task.source, "copy": k},
+                    # Drip encoded these bytes: the records stage need not decode them to check.
+                    extra={"source": task.source, "copy": k, "sha256": hashlib.sha256(encoded).hexdigest()},
                 )
             )
         return out

@@ -65,6 +65,7 @@ class _Entry:
     boxes: list[list[float]]
     labels: list[int]
     texts: list[str]
+    sha256: str | None  # of the bytes an earlier stage decoded or wrote, when it recorded them
 
 
 def run(session: Session, config: Config, *, workers: int | None = None) -> RecordsResult:
@@ -166,6 +167,7 @@ def _entries(manifest: Path, label_map: LabelMap, prefix: str) -> list[_Entry]:
                 boxes=ann.boxes,
                 labels=[ids[label] for label in ann.labels],
                 texts=list(ann.labels),
+                sha256=ann.extra.get("sha256"),
             )
         )
     return entries
@@ -173,7 +175,7 @@ def _entries(manifest: Path, label_map: LabelMap, prefix: str) -> list[_Entry]:
 
 def _encode_entry(entry: _Entry) -> bytes:
     """The serialized ``tf.train.Example`` of one image. Runs in the pool's worker processes."""
-    encoded, fmt, width, height = encode_for_record(entry.path)
+    encoded, fmt, width, height = encode_for_record(entry.path, entry.sha256)
     if entry.width is not None and (entry.width, entry.height) != (width, height):
         raise InputError(
             f"{entry.path}: is {width}x{height} as displayed but {entry.manifest} says "

@@ -37,7 +37,7 @@ from ..annotations import Annotations, load_annotations
 from ..config import Config
 from ..dataset import ImageAnnotation, resolve_image, to_drip_json
 from ..errors import InputError
-from ..images import is_image_file, open_rgb
+from ..images import is_image_file, open_rgb_checked
 from ..labelmap import LabelMap
 from ..session import Session, write_json
 
@@ -185,15 +185,16 @@ def _check_labels(annotations: Annotations, class_map: LabelMap, class_map_path:
         )
 
 
-def _measure(root: Path, image: ImageAnnotation) -> tuple[int, int] | InputError:
-    """The display size of one image, or the error that makes it unusable (returned, not raised,
-    so one bad file does not stop the other threads' work)."""
+def _measure(root: Path, image: ImageAnnotation) -> tuple[int, int, str] | InputError:
+    """The display size of one image and the SHA-256 of the bytes decoded, or the error that
+    makes it unusable (returned, not raised, so one bad file does not stop the other threads)."""
     try:
         path = resolve_image(root, image.file)
         if not path.is_file():
             return InputError(f"{path}: image not found; check --image_folder_path and the file name")
-        with open_rgb(path) as img:
-            return img.size
+        img, digest = open_rgb_checked(path)
+        with img:
+            return img.width, img.height, digest
     except InputError as exc:
         return exc
     except OSError as exc:  # is_file() on a name the OS refuses (too long, say)
@@ -226,7 +227,9 @@ def _check_images(
         if isinstance(size, InputError):
             notes.append({"file": image.file, "problem": str(size), "action": "image left out"})
             continue
-        width, height = size
+        width, height, digest = size
+        # The records stage stores the file without decoding it again while it has this digest.
+        image.extra["sha256"] = digest
         if image.width is not None and (image.width, image.height) != (width, height):
             # Boxes are taken to be in display coordinates, the convention of labelImg and CVAT
             # exports; a swapped size usually means the annotation stored the pre-EXIF size.
