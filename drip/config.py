@@ -167,10 +167,12 @@ class Config(_Schema):
         low=0.0,
     )
     optimizer: str = _opt(
-        "sgd",
-        "Optimizer: 'sgd' (momentum 0.9, the torchvision detection reference) or 'adamw'.",
+        "auto",
+        "Optimizer: 'sgd' (momentum 0.9, the torchvision detection reference), 'adamw', or "
+        "'auto': AdamW for runs of up to 10,000 steps, where it learns faster, SGD for longer "
+        "ones (the rule Ultralytics uses). A resumed run keeps the optimizer it started with.",
         "train",
-        choices=("sgd", "adamw"),
+        choices=("auto", "sgd", "adamw"),
     )
     weight_decay: float = _opt(1e-4, "Weight decay, not applied to norms and biases.", "train", low=0.0)
     lr_schedule: str = _opt(
@@ -192,11 +194,12 @@ class Config(_Schema):
     )
     amp: bool = _opt(True, "Mixed precision on CUDA (ignored on the CPU).", "train")
     online_augmentation: str = _opt(
-        "jitter",
+        "flip",
         "Augmentation drawn afresh for every training sample, on top of the copies the augment "
-        "stage wrote: 'jitter' (horizontal flip, a random zoom in or out of the frame and a "
-        "brightness/contrast/saturation change), 'flip' (horizontal flip only) or 'none'. "
-        "Decided per sample from the seed, so a resumed run sees the same images.",
+        "stage wrote: 'flip' (horizontal flip), 'jitter' (the flip, a random zoom in or out of "
+        "the frame and a brightness/contrast/saturation change: for long runs; in short ones it "
+        "slows learning) or 'none'. Decided per sample from the seed, so a resumed run sees the "
+        "same images.",
         "train",
         choices=("jitter", "flip", "none"),
     )

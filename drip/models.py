@@ -57,9 +57,11 @@ _FASTER_RCNN_LR = 0.02 / 16
 _RETINANET_LR = 0.01 / 16
 _FCOS_LR = 0.01 / 16
 _SSDLITE_LR = 0.15 / (8 * 24)
-# AdamW has no torchvision detection recipe; 1e-4 at 16 images is the common fine-tuning value
-# (DETR-style), scaled by the square root of the batch, the usual rule for Adam-type optimizers.
-_ADAMW_LR_AT_16 = 1e-4
+# AdamW has no torchvision detection recipe. 1.4e-3 at Drip's default batch of 4 is the rate
+# Ultralytics' auto optimizer fits for a few classes (0.002 * 5 / (4 + classes)); bench/recipe.py
+# measured it against 3e-3 (training collapsed) on the CPU. Scaled by the square root of the
+# batch, the usual rule for Adam-type optimizers.
+_ADAMW_LR_AT_4 = 1.4e-3
 
 
 @dataclass(frozen=True)
@@ -180,10 +182,21 @@ def network_name(network: str, cache_dir: Path | None = None) -> str:
     return read_model_file(path, "--network")["network"]
 
 
+# Up to this many steps ``--optimizer auto`` trains with AdamW, beyond it with SGD.
+AUTO_ADAMW_MAX_STEPS = 10_000
+
+
+def resolve_optimizer(name: str, number_of_steps: int) -> str:
+    """``sgd`` or ``adamw``: ``name`` itself, or what ``auto`` picks for a run this long."""
+    if name != "auto":
+        return name
+    return "adamw" if number_of_steps <= AUTO_ADAMW_MAX_STEPS else "sgd"
+
+
 def default_learning_rate(network: str, batch_size: int, optimizer: str = "sgd") -> float:
     """The tuned peak learning rate of ``network`` for ``batch_size`` images a step."""
     if optimizer == "adamw":
-        return _ADAMW_LR_AT_16 * math.sqrt(batch_size / 16)
+        return _ADAMW_LR_AT_4 * math.sqrt(batch_size / 4)
     return get_spec(network_name(network)).lr_per_image * batch_size
 
 

@@ -27,7 +27,7 @@ def test_values_are_coerced_from_strings():
         ("batch_size", "two", "--batch_size two is not a valid int"),
         ("batch_size", "2.5", "not a valid int"),
         ("learning_rate", "nan", "not a valid float"),
-        ("optimizer", "adam", "--optimizer adam is not one of sgd, adamw"),
+        ("optimizer", "adam", "--optimizer adam is not one of auto, sgd, adamw"),
         ("amp", "maybe", "not a valid bool"),
     ],
 )

@@ -49,7 +49,16 @@ def test_learning_rates_scale_with_the_batch():
     assert models.default_learning_rate("fasterrcnn_mobilenet_v3_large_fpn", 16) == pytest.approx(0.02)
     assert models.default_learning_rate("retinanet_resnet50_fpn_v2", 4) == pytest.approx(0.0025)
     assert models.default_learning_rate("ssdlite320_mobilenet_v3_large", 192) == pytest.approx(0.15)
-    assert models.default_learning_rate("fcos_resnet50_fpn", 4, "adamw") == pytest.approx(5e-5)
+    assert models.default_learning_rate("fcos_resnet50_fpn", 4, "adamw") == pytest.approx(1.4e-3)
+    assert models.default_learning_rate("fcos_resnet50_fpn", 16, "adamw") == pytest.approx(2.8e-3)
+
+
+def test_auto_optimizer_is_adamw_for_short_runs_and_sgd_for_long_ones():
+    assert models.resolve_optimizer("auto", 3000) == "adamw"
+    assert models.resolve_optimizer("auto", models.AUTO_ADAMW_MAX_STEPS) == "adamw"
+    assert models.resolve_optimizer("auto", models.AUTO_ADAMW_MAX_STEPS + 1) == "sgd"
+    assert models.resolve_optimizer("sgd", 100) == "sgd"
+    assert models.resolve_optimizer("adamw", 10**6) == "adamw"
 
 
 def test_unknown_network_lists_the_known_ones():

@@ -153,6 +153,7 @@ def test_train_writes_checkpoints_logs_and_model(session, config, records):
         assert ckpt["classes"] == list(CLASSES) and ckpt["config"]["image_size"] == 128
         assert isinstance(ckpt["rng"]["torch"], torch.Tensor)
         assert ckpt["scheduler"]["last_epoch"] == ckpt["step"]
+        assert ckpt["optimizer_name"] == "adamw"  # --optimizer auto, a short run
 
     acc = events(session.logs_dir)
     tags = acc.Tags()["scalars"]
@@ -161,7 +162,7 @@ def test_train_writes_checkpoints_logs_and_model(session, config, records):
     assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4]
     lrs = [e.value for e in acc.Scalars("lr")]
     assert lrs[0] < lrs[1]  # warmup over 2 steps
-    peak = models.default_learning_rate(config.network, config.batch_size)
+    peak = models.default_learning_rate(config.network, config.batch_size, "adamw")
     # The rate logged at step 3 is the one step index 2 used: warmup over, cosine at 2/4 of the run.
     assert lrs[2] == pytest.approx(peak * 0.5, rel=1e-6)
 
@@ -186,6 +187,15 @@ def test_resume_continues_at_the_checkpoint_step(session, config, records, capsy
     steps = [e.step for e in events(session.logs_dir).Scalars("loss/total")]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert models.load_model(session.model_path).meta["step"] == 6
+
+
+def test_a_resumed_run_keeps_the_optimizer_it_started_with(session, config, records):
+    config = config.updated({"batch_size": 1, "number_of_steps": 2, "optimizer": "sgd"}, "test")
+    train.run(session, config)
+    # auto would pick AdamW for 4 steps; the run started with SGD, and its momentum is kept.
+    train.run(session, config.updated({"number_of_steps": 4, "optimizer": "auto"}, "test"), resume=True)
+    last = torch.load(train.list_checkpoints(session.checkpoints_dir)[-1], map_location="cpu", weights_only=True)
+    assert (last["step"], last["optimizer_name"]) == (4, "sgd")
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset, config):

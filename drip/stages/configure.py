@@ -2,7 +2,7 @@
 
 Reads ``label_map.pbtxt`` (from split). Checks that the network and its starting weights load
 (downloading COCO weights into the session folder's ``cache/`` now, not an hour into training),
-fills in the values left to Drip (the learning rate), and writes the resolved config as
+fills in the values left to Drip (the optimizer and learning rate), and writes the resolved config as
 ``pipeline.config``: a commented YAML file the user may edit before ``--resume_training``.
 """
 
@@ -24,6 +24,10 @@ def run(session: Session, config: Config, check_model: bool = True) -> Config:
     if check_model:
         classes = LabelMap.read(session.require(session.label_map_path, "split"))
         models.build_model(config.network, len(classes) + 1, config.weights, config.image_size, session.cache)
+    optimizer = models.resolve_optimizer(config.optimizer, config.number_of_steps)
+    if optimizer != config.optimizer:
+        config = dataclasses.replace(config, optimizer=optimizer)
+        console.info(f"optimizer {optimizer} (auto: {config.number_of_steps} steps)")
     if config.learning_rate is None:
         lr = models.default_learning_rate(config.network, config.batch_size, config.optimizer)
         config = dataclasses.replace(config, learning_rate=lr)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import io
 import json
@@ -91,6 +92,11 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
         _check_resumable(checkpoint, checkpoint_path, config, classes)
         _check_data(checkpoint, checkpoint_path, data_fingerprint(session), config.allow_changed_data)
     start_step = checkpoint["step"] if checkpoint else 0
+    if config.optimizer == "auto":  # configure resolves it; a run resumed keeps its optimizer
+        started_with = checkpoint.get("optimizer_name") if checkpoint else None
+        config = dataclasses.replace(
+            config, optimizer=started_with or models.resolve_optimizer("auto", config.number_of_steps)
+        )
     network = checkpoint["network"] if checkpoint else models.network_name(config.network, session.cache)
     if checkpoint is None:
         _set_aside_earlier_run(session)
