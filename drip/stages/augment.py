@@ -8,7 +8,7 @@ Writes ``images_augmented/<sub-folders>/<stem>_aug<k>.jpg`` (JPEG quality 95), `
        relative to ``images_augmented/`` and whose ``extra.source`` names the training image.
 
 Copy ``k`` of training image ``i`` is drawn from a random stream seeded by ``(seed, i, k)``, so
-the output is the same for any number of worker processes and on every rerun. A copy whose boxes
+the output is the same for any number of worker threads and on every rerun. A copy whose boxes
 all fell away (cropped or pushed out of the frame) is still written, as a background example:
 every training image then has exactly ``augmentations`` copies, and learning what is *not* an
 object is useful. Boxes in the output are clipped to the image and at least one pixel wide and
@@ -18,9 +18,9 @@ high.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,7 @@ from ..config import Config
 from ..dataset import ImageAnnotation, read_drip_json, resolve_image, to_drip_json
 from ..errors import ConfigError, SessionError
 from ..images import encode_jpeg, load_rgb
+from ..parallel import cores, ordered_map
 from ..session import Session, read_json, write_json
 
 JPEG_QUALITY = 95
@@ -49,7 +50,7 @@ class AugmentResult:
 
 @dataclass
 class _Job:
-    """What every worker needs, sent once per process."""
+    """What every worker thread needs."""
 
     policy: Policy
     image_root: Path
@@ -70,7 +71,7 @@ class _Task:
 def run(session: Session, config: Config, *, workers: int | None = None) -> AugmentResult:
     """Write ``config.augmentations`` augmented copies of every training image.
 
-    ``workers`` is the number of processes (default: one per core); it never changes the output.
+    ``workers`` is the number of threads (default: one per core); it never changes the output.
     """
     manifest_path = session.require(session.train_manifest, "split")
     image_root, classes, train = _read_manifest(manifest_path)
@@ -89,7 +90,7 @@ def run(session: Session, config: Config, *, workers: int | None = None) -> Augm
             _Task(i, ann.file, base, ann.boxes, ann.labels)
             for i, (ann, base) in enumerate(zip(train, _copy_bases(train)))
         ]
-        results = _augment_all(job, tasks, workers or _cores())
+        results = _augment_all(job, tasks, workers or cores())
         for produced in console.progress(results, total=len(tasks), desc="augment"):
             copies.extend(produced)
 
@@ -142,35 +143,26 @@ def _copy_bases(annotations: list[ImageAnnotation]) -> list[str]:
 
 
 def _augment_all(job: _Job, tasks: list[_Task], workers: int):
-    """Augmented annotations per task, in task order, from ``workers`` processes."""
-    workers = max(1, min(workers, len(tasks)))
-    if workers == 1:
-        yield from map(_Augmenter(job), tasks)
-        return
-    # spawn, not fork: the parent may hold PyTorch/OpenCV threads, which a forked child inherits
-    # as locks that nobody will ever release.
-    context = multiprocessing.get_context("spawn")
-    chunk = max(1, min(16, len(tasks) // (workers * 4)))
-    with context.Pool(workers, initializer=_start_worker, initargs=(job,)) as pool:
-        yield from pool.imap(_work, tasks, chunksize=chunk)
+    """Augmented annotations per task, in task order, from ``workers`` threads.
 
+    Each thread builds its own transforms (their random streams must not be shared); OpenCV
+    runs single-threaded meanwhile, as the threads already use every core.
+    """
+    local = threading.local()
 
-# The augmenter of a pool worker process, set once by the pool's initializer: building the
-# transforms once per process instead of once per image.
-_worker: "_Augmenter | None" = None
+    def work(task: _Task) -> list[ImageAnnotation]:
+        if not hasattr(local, "augmenter"):
+            local.augmenter = _Augmenter(job)
+        return local.augmenter(task)
 
-
-def _start_worker(job: _Job) -> None:
-    global _worker
     import cv2
 
-    cv2.setNumThreads(1)  # the processes already use every core
-    _worker = _Augmenter(job)
-
-
-def _work(task: _Task) -> list[ImageAnnotation]:
-    assert _worker is not None, "pool worker used before _start_worker"
-    return _worker(task)
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield from ordered_map(work, tasks, max(1, min(workers, len(tasks))))
+    finally:
+        cv2.setNumThreads(previous)
 
 
 class _Augmenter:
@@ -260,9 +252,3 @@ def _remove_stale(out_root: Path, keep: set[str]) -> None:
         if stale_copy or leftover:
             path.unlink()
 
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

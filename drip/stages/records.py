@@ -21,9 +21,6 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import math
-import multiprocessing
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +33,7 @@ from ..dataset import read_drip_json, resolve_image
 from ..errors import InputError, SessionError
 from ..images import encode_for_record
 from ..labelmap import LabelMap
+from ..parallel import cores, ordered_map
 from ..session import Session, read_json, write_json
 from ..tfrecord import DetectionExample, TFRecordWriter, encode_example
 
@@ -71,7 +69,7 @@ class _Entry:
 def run(session: Session, config: Config, *, workers: int | None = None) -> RecordsResult:
     """Write the train and eval shards and ``records.json``.
 
-    ``workers`` is the number of encoding processes (default: one per core); the shards are the
+    ``workers`` is the number of encoding threads (default: one per core); the shards are the
     same for any number.
     """
     label_map = LabelMap.read(session.require(session.label_map_path, "split"))
@@ -101,9 +99,12 @@ def run(session: Session, config: Config, *, workers: int | None = None) -> Reco
 
     per_shard = config.images_per_shard
     digests: dict[str, str] = {}
-    with _encoder(workers or _cores(), len(shuffled) + len(evaluation)) as encode:
-        train_shards = _write_split("train", shuffled, out, per_shard, encode, digests)
-        eval_shards = _write_split("eval", evaluation, out, per_shard, encode, digests)
+    # Threads: most files are stored as they are, without decoding (``encode_for_record``).
+    def encode(entries):
+        return ordered_map(_encode_entry, entries, workers or cores())
+
+    train_shards = _write_split("train", shuffled, out, per_shard, encode, digests)
+    eval_shards = _write_split("eval", evaluation, out, per_shard, encode, digests)
 
     # The SHA-256 of each shard lets training tell, on --resume_training, whether the records
     # it resumes on are the ones its checkpoints were trained on.
@@ -174,7 +175,7 @@ def _entries(manifest: Path, label_map: LabelMap, prefix: str) -> list[_Entry]:
 
 
 def _encode_entry(entry: _Entry) -> bytes:
-    """The serialized ``tf.train.Example`` of one image. Runs in the pool's worker processes."""
+    """The serialized ``tf.train.Example`` of one image. Runs on the pool's threads."""
     encoded, fmt, width, height = encode_for_record(entry.path, entry.sha256)
     if entry.width is not None and (entry.width, entry.height) != (width, height):
         raise InputError(
@@ -205,20 +206,6 @@ def _encode_entry(entry: _Entry) -> bytes:
     )
 
 
-@contextmanager
-def _encoder(workers: int, total: int):
-    """A function mapping entries to encoded records, in order, on ``workers`` processes."""
-    workers = max(1, min(workers, total))
-    if workers == 1:
-        yield lambda entries: map(_encode_entry, entries)
-        return
-    # spawn, not fork: a forked child inherits the parent's threads' locks (PyTorch, OpenCV).
-    context = multiprocessing.get_context("spawn")
-    chunk = max(1, min(32, total // (workers * 4)))
-    with context.Pool(workers) as pool:
-        yield lambda entries: pool.imap(_encode_entry, entries, chunksize=chunk)
-
-
 def _write_split(split: str, entries: list[_Entry], out: Path, per_shard: int, encode, digests: dict[str, str]) -> list[Path]:
     count = math.ceil(len(entries) / per_shard)
     paths = [out / f"{split}-{i:05d}-of-{count:05d}.tfrecord" for i in range(count)]
@@ -234,9 +221,3 @@ def _write_split(split: str, entries: list[_Entry], out: Path, per_shard: int, e
             digests[path.name] = writer.sha256
     return paths
 
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
