@@ -302,7 +302,10 @@ def summary(n_images: int, n_detections: int, seconds: float, results_path: Path
 
 # -- detections -------------------------------------------------------------------------------
 def scale_boxes_np(boxes: np.ndarray, size: tuple[int, int], resized: tuple[int, int]) -> np.ndarray:
-    """``drip.stages.infer.scale_boxes`` in NumPy: float64 boxes in ``size`` pixels, clipped."""
+    """Boxes in ``resized`` pixels -> float64 boxes in pixels of the ``size`` image, clipped to it.
+
+    Per-axis factors: rounding the resized size makes them differ slightly.
+    """
     boxes = np.asarray(boxes).reshape(-1, 4).astype(np.float64)
     width, height = size
     scale = np.array([width / resized[0], height / resized[1]] * 2, dtype=np.float64)
@@ -322,13 +325,19 @@ def to_detections_np(
     threshold: float,
     names: Sequence[str],
 ) -> list[dict[str, Any]]:
-    """``drip.stages.infer.to_detections`` in NumPy: the same records from the same numbers."""
+    """Detections in ``resized`` pixels -> JSON records in pixels of the ``size`` image.
+
+    Keeps scores >= ``threshold`` percent, best first; boxes are clipped to the image and
+    dropped if nothing of them is left inside it. PyTorch inference calls this too
+    (``drip.stages.infer.to_detections``), so both runtimes post-process alike.
+    """
     boxes = scale_boxes_np(boxes, size, resized)
     scores = np.asarray(scores).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float32)
-    # As there: compare in the scores' own precision, so a score exactly at the threshold stays.
+    # Compare in the scores' own precision: float32 0.7 is below the float64 0.7, and a
+    # detection scored exactly at the threshold must be kept.
     keep = scores >= scores.dtype.type(threshold / 100.0)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     order = np.argsort(-scores, kind="stable")  # best first, ties in the model's order

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -71,7 +72,9 @@ from ..results import (  # noqa: F401
     resized_size,
     resolve_model_path,
     run_groups,
+    scale_boxes_np,
     summary,
+    to_detections_np,
     trash_earlier_results,
 )
 from ..session import Session, write_json
@@ -256,15 +259,13 @@ def forward_batch(
 
 
 def scale_boxes(boxes: torch.Tensor, size: tuple[int, int], resized: tuple[int, int]) -> torch.Tensor:
-    """Boxes in ``resized`` pixels -> float64 boxes in pixels of the ``size`` image, clipped to it."""
-    boxes = torch.as_tensor(boxes).detach().cpu().reshape(-1, 4).to(torch.float64)
-    width, height = size
-    # Per-axis factors: rounding the resized size makes them differ slightly.
-    scale = torch.tensor([width / resized[0], height / resized[1]] * 2, dtype=torch.float64)
-    boxes = boxes * scale
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, float(width))
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0.0, float(height))
-    return boxes
+    """Boxes in ``resized`` pixels -> float64 boxes in pixels of the ``size`` image, clipped to it
+    (``drip.results.scale_boxes_np``, which ONNX inference shares)."""
+    return torch.from_numpy(scale_boxes_np(_numpy(boxes), size, resized))
+
+
+def _numpy(values) -> np.ndarray:
+    return torch.as_tensor(values).detach().cpu().numpy()
 
 
 def _predict_batch(
@@ -304,19 +305,8 @@ def to_detections(
     threshold: float,
     names: Sequence[str],
 ) -> list[dict[str, Any]]:
-    """Detections in ``resized`` pixels -> JSON records in pixels of the ``size`` image.
-
-    Keeps scores >= ``threshold`` percent, best first; boxes are clipped to the image and
-    dropped if nothing of them is left inside it.
-    """
-    boxes = scale_boxes(boxes, size, resized)
-    scores = torch.as_tensor(scores).detach().cpu().reshape(-1)
-    labels = torch.as_tensor(labels).detach().cpu().reshape(-1)
-    if not scores.is_floating_point():
-        scores = scores.float()
-    # Compare in the scores' own precision: float32 0.7 is below the float64 0.7, and a
-    # detection scored exactly at the threshold must be kept.
-    keep = scores >= torch.tensor(threshold / 100.0, dtype=scores.dtype)
-    order = torch.argsort(scores[keep], descending=True, stable=True)
-    boxes, scores, labels = boxes[keep][order], scores[keep][order], labels[keep][order]
-    return detection_records(boxes.tolist(), scores.tolist(), labels.tolist(), size, names)
+    """A detector's output tensors -> JSON records: ``drip.results.to_detections_np``, the one
+    post-processing that PyTorch and ONNX inference share."""
+    return to_detections_np(
+        _numpy(boxes), _numpy(scores), _numpy(labels), size=size, resized=resized, threshold=threshold, names=names
+    )
