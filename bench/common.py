@@ -22,13 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def cores() -> int:
-    """The cores this process may use (a container's share, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+from drip.parallel import cores  # noqa: E402  (after the sys.path line above)
 
 
 def cpu_name() -> str:

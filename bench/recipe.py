@@ -46,6 +46,7 @@ from PIL import Image  # noqa: E402
 from drip import models, pipeline  # noqa: E402
 from drip.annotations import load_annotations  # noqa: E402
 from drip.evaluate import ImageTruth, coco_metrics, predict  # noqa: E402
+from drip.parallel import cores  # noqa: E402
 from drip.session import Session  # noqa: E402
 from drip.synthetic import CLASSES, make_dataset, write_drip_json  # noqa: E402
 
@@ -114,12 +115,8 @@ def machine_info() -> str:
                 break
     except OSError:
         pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
     load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (f"cpu {cpu}, {cores} cores (load average {load}); torch {torch.__version__} "
+    return (f"cpu {cpu}, {cores()} cores (load average {load}); torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), torchvision {torchvision.__version__}, python {platform.python_version()}")
 
 

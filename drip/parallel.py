@@ -18,7 +18,7 @@ R = TypeVar("R")
 
 
 def cores() -> int:
-    """The cores this process may run on."""
+    """The cores this process may run on (a container's share, not the host's count)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from ..dataset import ImageAnnotation, resolve_image, to_drip_json
 from ..errors import InputError
 from ..images import is_image_file, open_rgb_checked
 from ..labelmap import LabelMap
+from ..parallel import cores, ordered_map
 from ..session import Session, write_json
 
 # Exporters compute x + w in floating point; a box ending a hair past the edge is rounding, not a
@@ -206,15 +206,8 @@ def _check_images(
 ) -> list[ImageAnnotation]:
     """Decode every image once; keep the usable ones with their display size."""
     # Pillow releases the GIL while decoding, so threads use every core without pickling images.
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        sizes = list(
-            console.progress(
-                pool.map(lambda image: _measure(root, image), images),
-                total=len(images),
-                desc="checking images",
-            )
-        )
+    measured = ordered_map(lambda image: _measure(root, image), images, min(8, cores()))
+    sizes = list(console.progress(measured, total=len(images), desc="checking images"))
     bad = [(image, size) for image, size in zip(images, sizes) if isinstance(size, InputError)]
     if bad and on_bad_image == "fail":
         image, error = bad[0]

@@ -57,6 +57,7 @@ from ..config import Config
 from ..data import RecordDataset, StepBatchSampler, collate
 from ..errors import Interrupted, SessionError
 from ..labelmap import LabelMap
+from ..parallel import cores
 from ..session import Session, move, read_json, trash_folder
 
 CHECKPOINT_FORMAT = "drip-checkpoint"
@@ -876,11 +877,8 @@ def _hwc(image) -> np.ndarray:
 def _num_workers(requested: int) -> int:
     if requested >= 0:
         return requested
-    try:
-        cores = len(os.sched_getaffinity(0))  # what this container may use, not the host's count
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return 0 if cores <= 1 else min(8, cores)
+    available = cores()
+    return 0 if available <= 1 else min(8, available)
 
 
 def _ignore_sigint(_worker_id: int) -> None:
