@@ -140,20 +140,21 @@ def built(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def state_dict_file(built):
+def _copier(source: Path):
     def copy(path: Path) -> Path:
-        shutil.copyfile(built / "weights.pth", path)
+        shutil.copyfile(source, path)
         return path
     return copy
+
+
+@pytest.fixture
+def state_dict_file(built):
+    return _copier(built / "weights.pth")
 
 
 @pytest.fixture
 def drip_model_file(built):
-    def copy(path: Path) -> Path:
-        shutil.copyfile(built / "model.pt", path)
-        return path
-    return copy
+    return _copier(built / "model.pt")
 
 
 def test_zip_of_weights_is_unpacked_into_the_cache(tmp_path, state_dict_file):
