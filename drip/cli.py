@@ -36,20 +36,65 @@ GROUP_TITLES = {
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a "did you mean" for mistyped flags."""
+    """argparse with a hint for each flag it does not know: the flag meant, or who takes it.
 
-    def error(self, message: str):
-        if message.startswith("unrecognized arguments:"):
-            known = sorted(_long_flags(self))
-            hints = []
-            for word in message.split(":", 1)[1].split():
-                flag = word.split("=", 1)[0]
-                close = difflib.get_close_matches(flag, known, n=1)
-                if flag.startswith("-") and close:
-                    hints.append(f"{flag} -> {close[0]}")
-            if hints:
-                message += f" (did you mean: {', '.join(hints)}?)"
-        super().error(message)
+    A flag another command takes is not a typo: ``drip evaluate --threshold`` says that
+    ``drip infer`` takes it rather than suggesting the flag itself.
+    """
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, strays = self.parse_known_args(args, namespace)
+        if strays:
+            command = getattr(parsed, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(strays)}{self.stray_hints(strays, command)}")
+        return parsed
+
+    def stray_hints(self, strays: list[str], command: str | None = None) -> str:
+        """`` (did you mean: ...)`` for the flags in ``strays``, as given to ``command``."""
+        commands = _commands(self)
+        own = commands.get(command, self) if command else self
+        prog = own.prog
+        known = _long_flags(own)
+        others = {name: _long_flags(p) for name, p in commands.items() if name != command}
+        meant, notes = [], []
+        for word in strays:
+            flag = word.split("=", 1)[0]
+            if not flag.startswith("--"):
+                continue
+            close = difflib.get_close_matches(flag, sorted(known - {flag}), n=1)
+            if close:
+                meant.append(f"{flag} -> {close[0]}")
+                continue
+            takers = [name for name, flags in others.items() if flag in flags]
+            if takers:
+                same = SAME_PURPOSE.get(flag)
+                here = f"; '{prog}' takes {same} for that" if same in known else ""
+                notes.append(f"{flag} is a flag of {_names(self.prog, takers)}, not of '{prog}'{here}")
+                continue
+            near = {name: c for name, flags in others.items()
+                    for c in difflib.get_close_matches(flag, sorted(flags), n=1)}
+            if len(set(near.values())) == 1:
+                notes.append(f"{flag}: did you mean {next(iter(near.values()))}, a flag of {_names(self.prog, list(near))}?")
+        if meant:
+            notes.insert(0, f"did you mean: {', '.join(meant)}?")
+        return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _names(prog: str, commands: list[str]) -> str:
+    return " and ".join(f"'{prog} {name}'" for name in commands)
+
+
+# Flags of different commands that do the same job, for the hint when one is given to the wrong
+# command (today every pair is also an alias; the table keeps the hint right if that changes).
+SAME_PURPOSE = {"--output": "--results_path", "--results_path": "--output"}
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The sub-command parsers of ``parser`` by name (none for the starters)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _long_flags(parser: argparse.ArgumentParser) -> set[str]:
@@ -86,11 +131,15 @@ def add_schema_flags(parser: argparse.ArgumentParser, schema) -> None:
         metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else (
             "{true,false}" if str(f.type) == "bool" else f.name.split("_")[-1].upper()
         )
+        aliases = [f"--{a}" for a in meta.get("aliases", ())]
+        also = f"; also {', '.join(aliases)}" if aliases else ""
         group.add_argument(
             f"--{f.name}",
+            *aliases,
+            dest=f.name,
             default=argparse.SUPPRESS,
             metavar=metavar,
-            help=f"{meta['help']} (default: {shown})".replace("%", "%%"),
+            help=f"{meta['help']} (default: {shown}{also})".replace("%", "%%"),
         )
 
 
@@ -121,7 +170,7 @@ EVALUATE_DESCRIPTION = (
     "Score a model on any annotated set of images with COCO metrics (pycocotools): AP at\n"
     "IoU .50:.95, AP50, AP75, AP and AR by object size, AP per class and precision-recall\n"
     "curves. Annotation classes are matched to the model's by name. The metrics JSON goes to\n"
-    "OUTPUT; an earlier one there is moved to trash/, never overwritten.\n\n"
+    "RESULTS_PATH/metrics.json; an earlier one there is moved to trash/, never overwritten.\n\n"
     "Example:\n"
     "  %(prog)s --model pipeline/ --images_path files/test_images --src_json_path files/test.json"
 )

@@ -25,9 +25,14 @@ CONFIG_VERSION = 1
 CLI = "command line"  # the ``source`` of values given as flags: errors then name the flag
 
 
-def _opt(default, help, group, *, choices=None, low=None, high=None, flag=True):
-    """A config field with what the CLI and the commented config file need to know about it."""
-    meta = {"help": help, "group": group, "choices": choices, "low": low, "high": high, "flag": flag}
+def _opt(default, help, group, *, choices=None, low=None, high=None, flag=True, aliases=()):
+    """A config field with what the CLI and the commented config file need to know about it.
+
+    ``aliases`` are further flag names for the field (without ``--``): older or other commands'
+    names for the same thing, accepted on the command line only.
+    """
+    meta = {"help": help, "group": group, "choices": choices, "low": low, "high": high, "flag": flag,
+            "aliases": tuple(aliases)}
     return field(default=default, metadata=meta)
 
 
@@ -457,6 +462,7 @@ class InferConfig(_ModelRun):
         "JSON per image and a detections.json for the group. Earlier results of the same group "
         "are moved to <results_path>/trash/<timestamp>/, never overwritten.",
         "data",
+        aliases=("output",),
     )
     threshold: float = _opt(
         60.0,
@@ -494,12 +500,20 @@ class EvaluateConfig(_ModelRun):
         "Pascal VOC XML files. Classes are matched to the model's by name.",
         "data",
     )
-    output: str = _opt(
-        "files/results/metrics.json",
-        "The metrics JSON to write: COCO AP, AP50, AP75, AP and AR by size, AP per class and "
-        "precision-recall curves. An earlier file there is moved to <its folder>/trash/<timestamp>/.",
+    results_path: str = _opt(
+        "files/results/",
+        "Where the metrics go: <results_path>/metrics.json (COCO AP, AP50, AP75, AP and AR by "
+        "size, AP per class and precision-recall curves), the file drip infer --src_json_path "
+        "writes there too; a path ending in .json names the file itself. An earlier file is "
+        "moved to <its folder>/trash/<timestamp>/.",
         "data",
+        aliases=("output",),
     )
+
+    def metrics_path(self) -> Path:
+        """The metrics JSON ``results_path`` names: the file itself, or metrics.json in the folder."""
+        path = Path(self.results_path)
+        return path if path.suffix.lower() == ".json" else path / "metrics.json"
 
 
 @dataclass

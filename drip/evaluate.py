@@ -17,7 +17,8 @@ Entry points:
 * ``evaluate_annotations`` -- ``drip evaluate``: an exported model on any annotated image folder.
   Reads the model file (``--model``, else ``<session_folder>/dl/model.pt``), the annotations
   (``--src_json_path``, any format Drip reads) and the images under ``--images_path``.
-  Writes the metrics JSON at ``--output``; an earlier file there is moved to
+  Writes the metrics JSON to ``<--results_path>/metrics.json`` (or the ``.json`` file
+  ``--results_path`` names; ``--output`` is its older name); an earlier file there is moved to
   ``<output folder>/trash/<timestamp>/`` first, never overwritten.
 * ``Scoring`` -- ground truth and detections collected image by image while ``drip infer`` runs
   with ``--src_json_path``, and the COCO results file rows for COCO annotations.
@@ -522,7 +523,7 @@ class EvaluateResult:
 
 def evaluate_annotations(config, session_folder: Path) -> EvaluateResult:
     """``drip evaluate``: score the model ``config.model`` on ``config.images_path`` against
-    ``config.src_json_path`` and write the metrics JSON to ``config.output``."""
+    ``config.src_json_path`` and write the metrics JSON to ``config.metrics_path()``."""
     from .annotations import load_annotations
     from .images import open_rgb
     from .models import load_model, resolve_device
@@ -540,9 +541,9 @@ def evaluate_annotations(config, session_folder: Path) -> EvaluateResult:
     annotations = load_annotations(src, images_path)
     if not annotations.images:
         raise InputError(f"--src_json_path {src}: lists no images; nothing to evaluate")
-    output = Path(config.output)
+    output = config.metrics_path()
     if output.is_dir():
-        raise InputError(f"--output {output} is a folder; give the path of the metrics JSON file to write")
+        raise InputError(f"--results_path {config.results_path}: {output} is a folder; give another results folder")
 
     device = resolve_device(config.device)
     loaded = load_model(model_path, device)

@@ -68,6 +68,34 @@ def test_mistyped_flag_gets_a_suggestion(capsys):
     assert "did you mean: --batchsize -> --batch_size" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["evaluate", "--threshold", "50"], "(--threshold is a flag of 'drip infer', not of 'drip evaluate')"),
+    (["export", "--results_path", "x"],
+     "--results_path is a flag of 'drip infer' and 'drip evaluate', not of 'drip export'; "
+     "'drip export' takes --output for that"),
+    (["infer", "--numbr_of_steps", "3"], "did you mean --number_of_steps, a flag of 'drip train' and 'drip stage'?"),
+])
+def test_a_flag_of_another_command_names_the_command_that_takes_it(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and expected in err, err
+    flag = argv[1]
+    assert f"{flag} -> {flag}" not in err  # the old hint: the flag suggested as its own fix
+
+
+@pytest.mark.parametrize("command", ["infer", "evaluate"])
+@pytest.mark.parametrize("flag", ["--results_path", "--output"])
+def test_results_path_is_where_results_go_and_output_its_alias(command, flag):
+    from drip.config import EvaluateConfig
+
+    args = cli.build_parser().parse_args([command, flag, "out dir"])
+    assert vars(args)["results_path"] == "out dir" and "output" not in vars(args)
+    if command == "evaluate":
+        assert EvaluateConfig(results_path="out dir").metrics_path() == Path("out dir/metrics.json")
+        assert EvaluateConfig(results_path="a/m.json").metrics_path() == Path("a/m.json")  # the old --output FILE
+
+
 def _starter(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, str(ROOT / "training_starter.py"), "--runtime", "local", *args],

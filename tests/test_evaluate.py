@@ -291,7 +291,7 @@ def test_drip_evaluate_writes_the_metrics_json(tmp_path, exported, capsys):
     output = tmp_path / "out" / "metrics.json"
     argv = [
         "evaluate", "--model", str(exported), "--images_path", str(images), "--src_json_path", str(meta),
-        "--output", str(output), "--device", "cpu", "--batch_size", "2",
+        "--results_path", str(output.parent), "--device", "cpu", "--batch_size", "2",
     ]
     assert main(argv) == 0
     report = json.loads(output.read_text())
