@@ -1,0 +1,241 @@
+"""Large images, small objects: cutting images into overlapping tiles and putting detections back.
+
+A 6000 px orthomosaic resized to a 640 px model input shrinks a 30 px tree to 3 px. Slicing
+keeps the pixels: training sees tiles of ``tile_size`` pixels cut from the image, inference
+predicts tile by tile and maps every box back to the image (SAHI, arXiv 2202.06934).
+
+The rules, in one place:
+
+* **Grid** (``tile_grid``): tiles of ``tile`` x ``tile`` pixels, neighbours overlapping by at
+  least ``overlap`` of a tile; the last tile of a row or column is moved back to end at the
+  image's edge, so every tile is whole and the grid covers every pixel (SAHI's
+  ``get_slice_bboxes`` does the same). An image no larger than a tile is one tile, itself.
+  Any object no larger than the overlap lies whole inside at least one tile.
+* **Boxes cut by a tile's border** (``clip_to_tile``): clipped to the tile, and kept when at
+  least ``MIN_VISIBLE`` of the box's area is inside it; smaller fragments are dropped and
+  counted (SAHI's ``slice_coco`` keeps a fragment above an area ratio, DeepForest drops
+  fragments the same way). Half an object still looks like the object; a sliver teaches the
+  detector to fire on slivers, which at inference become duplicates at the seams.
+* **Background** (``pick_tiles``): every tile with a kept box is used; of the tiles that touch
+  no box at all, ``BACKGROUND_FRACTION`` as many as there are tiles with boxes (at least one
+  per image) are drawn at random, seeded. A 6000 px image with 20 trees gives about 20 tiles
+  with trees and 2 empty ones, not 200 empty ones; Ultralytics advises 0-10 % background
+  images.
+* **Merge** (``merge``): detections of all tiles (and of the optional whole-image pass) go
+  through per-class non-maximum suppression at IoU ``MERGE_IOU``. A seam object is seen whole
+  by one tile and as a fragment by its neighbour; the fragment lies inside the whole box, so
+  their IoU is the fragment's visible fraction, which training kept at ``MIN_VISIBLE`` or more,
+  and the lower-scored of the two goes. Objects larger than the overlap can come out as two
+  pieces: raise ``--tile_overlap`` until the overlap is at least the largest object, or add
+  the whole-image pass.
+
+The merge is OpenCV's ``cv2.dnn.NMSBoxesBatched`` (per-class NMS, NumPy in and out), not
+torchvision's ``batched_nms`` nor SAHI's: ONNX inference must run without PyTorch, and one merge
+for both runtimes keeps their results alike. SAHI's greedy merging needs its ``ObjectPrediction``
+wrapper and pulls ``opencv-python`` (the GUI build, which collides with the headless OpenCV that
+albumentations installs) and shapely. This module imports NumPy and Pillow only (OpenCV when
+merging): the host side never imports it, the ONNX path does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .errors import ConfigError
+
+MIN_TILE_SIZE = 32  # below this a tile holds too little context for any of Drip's networks
+MIN_VISIBLE = 0.5  # a box cut by a tile border is kept when this fraction of its area is inside
+BACKGROUND_FRACTION = 0.1  # empty tiles kept per tile with objects (at least one per image)
+MERGE_IOU = 0.4  # detections of one class overlapping more than this are one object
+DEFAULT_OVERLAP = 0.2  # SAHI's default overlap ratio
+
+Window = tuple[int, int, int, int]  # (x0, y0, x1, y1) in image pixels, x1 and y1 excluded
+
+
+def check_tiling(tile_size: int | None, overlap: float | None, where: str = "--tile_size") -> None:
+    """A ConfigError for a tile below ``MIN_TILE_SIZE`` or an overlap outside [0, 1)."""
+    if tile_size is not None and tile_size != 0 and tile_size < MIN_TILE_SIZE:
+        raise ConfigError(
+            f"{where} {tile_size}: a tile must be at least {MIN_TILE_SIZE} pixels; use 512 or "
+            "640 for most detectors (0 or nothing turns tiling off)"
+        )
+    if overlap is not None and not 0.0 <= overlap < 1.0:
+        raise ConfigError(
+            f"--tile_overlap {overlap:g}: the overlap is a fraction of a tile, from 0 up to but "
+            f"not including 1; {DEFAULT_OVERLAP:g} is usual"
+        )
+
+
+# -- the grid ---------------------------------------------------------------------------------
+def axis_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Where the tiles along one axis of ``length`` pixels start (see the module docstring)."""
+    if length <= tile:
+        return [0]
+    step = max(1, tile - int(round(tile * overlap)))
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
+
+
+def tile_grid(width: int, height: int, tile: int, overlap: float) -> list[Window]:
+    """The tiles covering a ``width`` x ``height`` image, row by row."""
+    xs = axis_starts(width, tile, overlap)
+    ys = axis_starts(height, tile, overlap)
+    return [(x, y, min(x + tile, width), min(y + tile, height)) for y in ys for x in xs]
+
+
+def needs_tiling(width: int, height: int, tile: int | None) -> bool:
+    """Whether an image is cut into tiles: tiling is on and the image is larger than a tile."""
+    return bool(tile) and max(width, height) > int(tile)
+
+
+# -- boxes on a tile --------------------------------------------------------------------------
+def clip_to_tile(
+    boxes: np.ndarray, window: Window, min_visible: float = MIN_VISIBLE
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The boxes (image pixels, ``[N, 4]`` xyxy) seen on the tile ``window``.
+
+    Returns the kept boxes in the tile's own pixels, their indices in ``boxes``, and how many
+    boxes the tile cuts so much that they were dropped (partly inside, less than
+    ``min_visible`` of their area visible). Boxes entirely outside the tile are neither.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x0, y0, x1, y1 = window
+    clipped = np.stack(
+        [boxes[:, 0].clip(x0, x1), boxes[:, 1].clip(y0, y1), boxes[:, 2].clip(x0, x1), boxes[:, 3].clip(y0, y1)],
+        axis=1,
+    )
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    visible = np.where(inside, (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = np.where(area > 0, visible / np.where(area > 0, area, 1.0), 0.0)
+    # A hair of tolerance: a box exactly half inside is kept whatever the float rounding.
+    keep = inside & (fraction >= min_visible - 1e-9)
+    dropped = int(np.count_nonzero(inside & ~keep))
+    index = np.flatnonzero(keep)
+    return clipped[index] - np.array([x0, y0, x0, y0], dtype=np.float64), index, dropped
+
+
+@dataclass
+class Tile:
+    window: Window  # in the source image's pixels
+    boxes: np.ndarray  # [N, 4] in the tile's pixels
+    indices: np.ndarray  # of those boxes in the source image's box list
+
+
+@dataclass
+class Cut:
+    """How one image was cut: the tiles used and what happened to its boxes."""
+
+    tiles: list[Tile]
+    grid: int  # tiles in the full grid
+    with_objects: int  # tiles used because they hold a box
+    background: int  # empty tiles used as background
+    fragments_dropped: int  # box pieces dropped by the visibility rule, over all tiles used
+    lost: list[int] = field(default_factory=list)  # boxes kept on no tile (should not happen)
+
+
+def pick_tiles(
+    width: int,
+    height: int,
+    boxes: np.ndarray,
+    tile: int,
+    overlap: float,
+    rng: np.random.Generator,
+    background_fraction: float = BACKGROUND_FRACTION,
+    min_visible: float = MIN_VISIBLE,
+) -> Cut:
+    """The tiles of one training image: those with boxes, and a few empty ones as background."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    with_objects: list[Tile] = []
+    empty: list[Window] = []
+    fragments = 0
+    seen: set[int] = set()
+    for window in tile_grid(width, height, tile, overlap):
+        kept, index, dropped = clip_to_tile(boxes, window, min_visible)
+        if len(index):
+            with_objects.append(Tile(window, kept, index))
+            fragments += dropped
+            seen.update(index.tolist())
+        elif not dropped:
+            empty.append(window)  # touches no box at all: true background
+    n_background = min(len(empty), max(1, math.ceil(background_fraction * len(with_objects))))
+    chosen = sorted(rng.choice(len(empty), size=n_background, replace=False).tolist()) if n_background else []
+    background = [Tile(empty[i], np.zeros((0, 4)), np.zeros(0, dtype=np.int64)) for i in chosen]
+    tiles = sorted(with_objects + background, key=lambda t: (t.window[1], t.window[0]))
+    lost = sorted(set(range(len(boxes))) - seen)
+    return Cut(tiles, len(tile_grid(width, height, tile, overlap)), len(with_objects), len(background), fragments, lost)
+
+
+# -- sliced prediction ------------------------------------------------------------------------
+# Detections of a list of images, each (boxes [N, 4] xyxy in that image's pixels, scores [N],
+# labels [N]): what a runtime (PyTorch or ONNX) provides to ``predict_sliced``.
+Detect = Callable[[Sequence[Image.Image]], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
+
+
+def predict_sliced(
+    image: Image.Image,
+    tile: int,
+    overlap: float,
+    detect: Detect,
+    batch_size: int,
+    full_pass: bool = False,
+    merge_iou: float = MERGE_IOU,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Detections of ``image`` predicted tile by tile, in its pixels, merged across the seams.
+
+    Tiles are cropped ``batch_size`` at a time, so the memory the model needs does not grow
+    with the image. ``full_pass`` adds one prediction on the whole image (resized as usual),
+    for objects larger than a tile (SAHI's standard prediction). An image no larger than a
+    tile is predicted whole, as without tiling.
+    """
+    width, height = image.size
+    if not needs_tiling(width, height, tile):
+        return _as_arrays(detect([image])[0])
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    windows = tile_grid(width, height, tile, overlap)
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        crops = [image.crop(window) for window in batch]
+        for (x0, y0, _, _), found in zip(batch, detect(crops)):
+            boxes, scores, labels = _as_arrays(found)
+            parts.append((boxes + np.array([x0, y0, x0, y0], dtype=np.float64), scores, labels))
+    if full_pass:
+        parts.append(_as_arrays(detect([image])[0]))
+    boxes = np.concatenate([p[0] for p in parts])
+    scores = np.concatenate([p[1] for p in parts])
+    labels = np.concatenate([p[2] for p in parts])
+    keep = merge(boxes, scores, labels, merge_iou)
+    return boxes[keep], scores[keep], labels[keep]
+
+
+def _as_arrays(found) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    boxes, scores, labels = found
+    return (
+        np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+        np.asarray(scores, dtype=np.float32).reshape(-1),
+        np.asarray(labels).reshape(-1).astype(np.int64),
+    )
+
+
+def merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float = MERGE_IOU) -> np.ndarray:
+    """Indices of the detections kept by per-class NMS at ``iou``, best score first."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    import cv2
+
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    # A score threshold of -1 keeps every box (OpenCV drops scores not above it).
+    keep = cv2.dnn.NMSBoxesBatched(
+        xywh.tolist(), np.asarray(scores, dtype=np.float32).tolist(),
+        np.asarray(labels).astype(np.int32).tolist(), -1.0, float(iou),
+    )
+    keep = np.asarray(keep, dtype=np.int64).reshape(-1)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64)[keep], kind="stable")
+    return keep[order]

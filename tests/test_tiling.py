@@ -1,0 +1,184 @@
+"""Tiling: the grid covers the image with overlap, cut boxes follow the visibility rule, empty
+tiles are few, sliced prediction maps boxes back and a seam object comes out as one box."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from drip import tiling
+from drip.errors import ConfigError
+
+FAST = settings(
+    max_examples=int(os.environ.get("DRIP_PROPERTY_EXAMPLES", "80")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+lengths = st.integers(min_value=1, max_value=6000)
+tiles = st.integers(min_value=tiling.MIN_TILE_SIZE * 4, max_value=2048)
+overlaps = st.floats(min_value=0.0, max_value=0.95, allow_nan=False)
+
+
+@FAST
+@given(width=lengths, height=lengths, tile=tiles, overlap=overlaps)
+def test_grid_covers_the_image_with_whole_overlapping_tiles(width, height, tile, overlap):
+    grid = tiling.tile_grid(width, height, tile, overlap)
+    for x0, y0, x1, y1 in grid:
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        # Whole tiles wherever the image is large enough for one.
+        assert x1 - x0 == min(tile, width) and y1 - y0 == min(tile, height)
+    for length in (width, height):
+        starts = tiling.axis_starts(length, tile, overlap)
+        assert starts[0] == 0 and starts[-1] + min(tile, length) == length  # both edges covered
+        want = int(round(tile * overlap))
+        for a, b in zip(starts, starts[1:]):
+            assert a < b
+            assert a + tile - b >= min(want, tile - 1)  # neighbours overlap by at least the overlap
+    assert len(grid) == len(tiling.axis_starts(width, tile, overlap)) * len(tiling.axis_starts(height, tile, overlap))
+
+
+@FAST
+@given(length=st.integers(min_value=100, max_value=5000), tile=st.integers(32, 512),
+       overlap=st.floats(0.05, 0.6), data=st.data())
+def test_an_object_no_larger_than_the_overlap_is_whole_in_some_tile(length, tile, overlap, data):
+    size = int(round(tile * overlap))
+    if size < 1 or length < tile:
+        return
+    start = data.draw(st.integers(0, length - size))
+    starts = tiling.axis_starts(length, tile, overlap)
+    assert any(s <= start and start + size <= s + tile for s in starts)
+
+
+@st.composite
+def box_and_window(draw):
+    x0 = draw(st.floats(-50, 500))
+    y0 = draw(st.floats(-50, 500))
+    w = draw(st.floats(0.01, 300))
+    h = draw(st.floats(0.01, 300))
+    wx = draw(st.integers(0, 400))
+    wy = draw(st.integers(0, 400))
+    size = draw(st.integers(32, 300))
+    return [x0, y0, x0 + w, y0 + h], (wx, wy, wx + size, wy + size)
+
+
+@FAST
+@given(case=box_and_window(), min_visible=st.floats(0.0, 1.0))
+def test_clipping_keeps_a_box_exactly_when_enough_of_it_is_visible(case, min_visible):
+    box, window = case
+    kept, index, dropped = tiling.clip_to_tile(np.array([box]), window, min_visible)
+    x0, y0, x1, y1 = window
+    ix = max(0.0, min(box[2], x1) - max(box[0], x0))
+    iy = max(0.0, min(box[3], y1) - max(box[1], y0))
+    fraction = ix * iy / ((box[2] - box[0]) * (box[3] - box[1]))
+    if ix * iy <= 0:
+        assert len(index) == 0 and dropped == 0  # outside: neither kept nor a fragment
+    elif fraction >= min_visible + 1e-6:
+        assert index.tolist() == [0] and dropped == 0
+        bx = kept[0]
+        # In the tile's own pixels, inside the tile, with a positive size.
+        assert 0 <= bx[0] < bx[2] <= x1 - x0 and 0 <= bx[1] < bx[3] <= y1 - y0
+        assert np.allclose(bx + [x0, y0, x0, y0], [max(box[0], x0), max(box[1], y0), min(box[2], x1), min(box[3], y1)])
+    elif fraction < min_visible - 1e-6:
+        assert len(index) == 0 and dropped == 1
+
+
+def test_half_visible_is_kept_and_a_sliver_is_dropped():
+    window = (0, 0, 100, 100)
+    boxes = np.array([[80, 10, 120, 30], [95, 50, 135, 70], [10, 10, 20, 20], [200, 200, 210, 210]], float)
+    kept, index, dropped = tiling.clip_to_tile(boxes, window)
+    assert index.tolist() == [0, 2] and dropped == 1
+    assert kept[0].tolist() == [80, 10, 100, 30]
+
+
+def test_a_large_sparse_image_gives_few_empty_tiles():
+    # A 6000 px image with 20 small objects: a few dozen tiles with objects (an object in an
+    # overlap is on two or four), and a tenth as many empty ones, not a hundred.
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 5970, size=(20, 2))
+    boxes = np.concatenate([xy, xy + 30], axis=1)
+    cut = tiling.pick_tiles(6000, 6000, boxes, 640, 0.2, np.random.default_rng(1))
+    assert cut.grid == 144
+    assert 20 <= cut.with_objects <= 80 and cut.background == -(-cut.with_objects // 10) <= 8
+    assert len(cut.tiles) == cut.with_objects + cut.background
+    assert not cut.lost
+    # Every object is whole (or at least half visible) on some tile used.
+    covered = {int(i) for t in cut.tiles for i in t.indices}
+    assert covered == set(range(20))
+    # The draw is seeded: the same seed picks the same background.
+    again = tiling.pick_tiles(6000, 6000, boxes, 640, 0.2, np.random.default_rng(1))
+    assert [t.window for t in again.tiles] == [t.window for t in cut.tiles]
+
+
+def test_an_object_larger_than_a_tile_is_reported_lost():
+    cut = tiling.pick_tiles(1000, 1000, np.array([[0, 0, 900, 900]], float), 200, 0.2, np.random.default_rng(0))
+    assert cut.lost == [0]
+
+
+@pytest.mark.parametrize(
+    "tile, overlap, message",
+    [(31, 0.2, "at least 32 pixels"), (640, 1.0, "not including 1"), (640, -0.1, "not including 1")],
+)
+def test_bad_tiling_is_one_line_error(tile, overlap, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        tiling.check_tiling(tile, overlap)
+    assert "\n" not in str(info.value)
+
+
+def test_merge_keeps_one_box_per_object_and_class():
+    boxes = np.array([[0, 0, 30, 30], [0, 0, 18, 30], [0, 0, 30, 30], [100, 100, 130, 130]], float)
+    scores = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
+    labels = np.array([1, 1, 2, 1])
+    keep = tiling.merge(boxes, scores, labels)
+    # The fragment (IoU 0.6) goes; the same box of another class and the far box stay.
+    assert keep.tolist() == [0, 2, 3]
+    assert tiling.merge(np.zeros((0, 4)), np.zeros(0), np.zeros(0)).tolist() == []
+
+
+def _square_finder(image):
+    """A stand-in detector: the bounding box of the white pixels it sees, score by its size."""
+    array = np.asarray(image)[:, :, 0] > 128
+    if not array.any():
+        return np.zeros((0, 4)), np.zeros(0), np.zeros(0)
+    ys, xs = np.nonzero(array)
+    box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    return np.array([box], float), np.array([array.sum() / 10000.0]), np.array([1])
+
+
+def test_a_seam_object_comes_out_as_one_box_in_image_pixels():
+    # Tiles of 100 px with 30 px overlap start at 0, 70, 140; the object at x 90..110 lies across
+    # the seam of the first two tiles: whole in the second, 10 px of it in the first.
+    image = Image.new("RGB", (240, 100))
+    image.paste((255, 255, 255), (90, 40, 110, 60))
+    calls = []
+
+    def detect(images):
+        calls.append(len(images))
+        return [_square_finder(im) for im in images]
+
+    boxes, scores, labels = tiling.predict_sliced(image, 100, 0.3, detect, batch_size=2)
+    assert calls == [2, 1]  # three tiles, two at a time
+    assert boxes.tolist() == [[90, 40, 110, 60]]
+    assert labels.tolist() == [1]
+
+
+def test_small_image_is_predicted_whole_and_full_pass_adds_the_whole_image():
+    image = Image.new("RGB", (80, 60))
+    image.paste((255, 255, 255), (10, 10, 20, 20))
+    seen = []
+
+    def detect(images):
+        seen.extend(im.size for im in images)
+        return [_square_finder(im) for im in images]
+
+    boxes, _, _ = tiling.predict_sliced(image, 100, 0.2, detect, batch_size=4)
+    assert seen == [(80, 60)] and boxes.tolist() == [[10, 10, 20, 20]]
+    seen.clear()
+    big = Image.new("RGB", (300, 100))
+    tiling.predict_sliced(big, 100, 0.2, detect, batch_size=8, full_pass=True)
+    assert seen[-1] == (300, 100) and seen[:-1] == [(100, 100)] * (len(seen) - 1)
