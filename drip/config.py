@@ -25,14 +25,16 @@ CONFIG_VERSION = 1
 CLI = "command line"  # the ``source`` of values given as flags: errors then name the flag
 
 
-def _opt(default, help, group, *, choices=None, low=None, high=None, flag=True, aliases=()):
+def _opt(default, help, group, *, choices=None, low=None, high=None, below=None, flag=True, aliases=()):
     """A config field with what the CLI and the commented config file need to know about it.
+
+    ``high`` is an inclusive upper bound, ``below`` an exclusive one.
 
     ``aliases`` are further flag names for the field (without ``--``): older or other commands'
     names for the same thing, accepted on the command line only.
     """
-    meta = {"help": help, "group": group, "choices": choices, "low": low, "high": high, "flag": flag,
-            "aliases": tuple(aliases)}
+    meta = {"help": help, "group": group, "choices": choices, "low": low, "high": high, "below": below,
+            "flag": flag, "aliases": tuple(aliases)}
     return field(default=default, metadata=meta)
 
 
@@ -131,6 +133,25 @@ class Config(_Schema):
         "Images per TFRecord shard: small enough to shuffle well, large enough to read fast.",
         "data",
         low=1,
+    )
+    tile_size: int | None = _opt(
+        None,
+        "For small objects in large images (aerial, drone, microscope): cut every training image "
+        "larger than this many pixels into overlapping square tiles, and train on the tiles. "
+        "Images no larger than a tile stay whole; the eval split stays whole images, scored "
+        "after predicting tile by tile and merging, as inference then does by default. Usually "
+        "--image_size, so tiles are not shrunk. Off when not given.",
+        "data",
+        low=32,
+        high=65536,
+    )
+    tile_overlap: float = _opt(
+        0.2,
+        "Overlap of neighbouring tiles, a fraction of a tile: make it at least the size of the "
+        "largest object, so every object is whole in some tile.",
+        "data",
+        low=0.0,
+        below=1.0,
     )
 
     # -- model --------------------------------------------------------------------------------
@@ -326,7 +347,7 @@ def _describe(f: dataclasses.Field) -> str:
     extra = []
     if meta["choices"]:
         extra.append("one of " + ", ".join(meta["choices"]))
-    if meta["low"] is not None or meta["high"] is not None:
+    if meta["low"] is not None or meta["high"] is not None or meta.get("below") is not None:
         extra.append(f"range {_range(meta)}")
     suffix = f" [{'; '.join(extra)}]" if extra else ""
     return f"({kind}) {meta['help']}{suffix}"
@@ -335,6 +356,8 @@ def _describe(f: dataclasses.Field) -> str:
 def _range(meta) -> str:
     low = "" if meta["low"] is None else f"{meta['low']:g}"
     high = "" if meta["high"] is None else f"{meta['high']:g}"
+    if meta.get("below") is not None:
+        high = f"<{meta['below']:g}"
     return f"{low}..{high}"
 
 
@@ -402,7 +425,8 @@ def _check(f: dataclasses.Field, value: Any, where: str) -> Any:
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(f"{where} is not one of {', '.join(meta['choices'])}")
     low, high = meta["low"], meta["high"]
-    if (low is not None and value < low) or (high is not None and value > high):
+    below = meta.get("below")
+    if (low is not None and value < low) or (high is not None and value > high) or (below is not None and value >= below):
         raise ConfigError(f"{where} is out of range; expected {_range(meta)}")
     return value
 

@@ -13,6 +13,8 @@ Layout under ``--session_folder`` (default ``pipeline/``)::
       metrics.jsonl           one row of COCO metrics per evaluation during training
       model.pt                the exported model (the best by AP on the eval split)
     images_augmented/         augmented training images and annotations.json
+    images_tiled/             with --tile_size: the training images as tiles (and the small
+                              ones whole), which split/train.json then lists
     trash/<timestamp>/        earlier sessions, moved here instead of deleted
     cache/                    downloaded weights, shared by all sessions
 
@@ -49,6 +51,10 @@ class Session:
     @property
     def images_augmented(self) -> Path:
         return self.root / "images_augmented"
+
+    @property
+    def images_tiled(self) -> Path:
+        return self.root / "images_tiled"
 
     @property
     def cache(self) -> Path:
@@ -115,12 +121,12 @@ class Session:
         return self.dl.is_dir()
 
     def start_new(self) -> Path | None:
-        """Move an existing session (``dl/`` and ``images_augmented/``) to ``trash/<timestamp>/``.
+        """Move an existing session (``dl/``, ``images_augmented/``, ``images_tiled/``) to ``trash/<timestamp>/``.
 
         Returns the trash folder it went to, or None when there was nothing to move. Nothing is
         deleted: a name already in the trash gets a numeric suffix.
         """
-        movable = [p for p in (self.dl, self.images_augmented) if p.exists() or p.is_symlink()]
+        movable = [p for p in (self.dl, self.images_augmented, self.images_tiled) if p.exists() or p.is_symlink()]
         if not movable:
             self.dl.mkdir(parents=True, exist_ok=True)
             return None

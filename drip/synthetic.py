@@ -33,15 +33,50 @@ def draw_scene(rng: np.random.Generator, width: int, height: int, classes=CLASSE
         y0 = int(rng.integers(0, height - size))
         x1, y1 = x0 + size, y0 + size
         label = classes[int(rng.integers(len(classes)))]
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        kind = CLASSES.index(label) % 3 if label in CLASSES else int(rng.integers(3))
-        if kind == 0:
-            draw.ellipse([x0, y0, x1, y1], fill=colour, outline=(255, 255, 255), width=2)
-        elif kind == 1:
-            draw.rectangle([x0, y0, x1, y1], fill=colour, outline=(0, 0, 0), width=2)
-        else:
-            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour, outline=(255, 255, 0))
+        _draw_shape(draw, rng, label, x0, y0, x1, y1)
         boxes.append([float(x0), float(y0), float(x1 + 1), float(y1 + 1)])
+        labels.append(label)
+    return img, boxes, labels
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, rng: np.random.Generator, label: str, x0: int, y0: int, x1: int, y1: int):
+    """The shape of ``label``'s class in a random colour, filling ``[x0, x1] x [y0, y1]``."""
+    colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    kind = CLASSES.index(label) % 3 if label in CLASSES else int(rng.integers(3))
+    if kind == 0:
+        draw.ellipse([x0, y0, x1, y1], fill=colour, outline=(255, 255, 255), width=2)
+    elif kind == 1:
+        draw.rectangle([x0, y0, x1, y1], fill=colour, outline=(0, 0, 0), width=2)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour, outline=(255, 255, 0))
+
+
+def draw_sparse_scene(
+    rng: np.random.Generator, width: int, height: int, n_objects: int, object_px: tuple[int, int] = (24, 40),
+    classes=CLASSES,
+):
+    """A large image with ``n_objects`` small shapes that do not touch: an orthomosaic's trees.
+
+    Sizes are drawn from ``object_px``; the shapes are the classes' shapes of ``draw_scene``.
+    """
+    base = rng.integers(60, 160, size=3)
+    noise = rng.normal(0, 20, size=(height // 16 + 1, width // 16 + 1, 3))
+    texture = np.clip(base + noise, 0, 255).astype(np.uint8)
+    img = Image.fromarray(texture).resize((width, height), Image.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    boxes: list[list[float]] = []
+    labels: list[str] = []
+    tries = 0
+    while len(boxes) < n_objects and tries < n_objects * 100:
+        tries += 1
+        size = int(rng.integers(object_px[0], object_px[1] + 1))
+        x0, y0 = int(rng.integers(0, width - size - 1)), int(rng.integers(0, height - size - 1))
+        box = [float(x0), float(y0), float(x0 + size + 1), float(y0 + size + 1)]
+        if any(box[0] < b[2] + 4 and b[0] < box[2] + 4 and box[1] < b[3] + 4 and b[1] < box[3] + 4 for b in boxes):
+            continue
+        label = classes[int(rng.integers(len(classes)))]
+        _draw_shape(draw, rng, label, x0, y0, x0 + size, y0 + size)
+        boxes.append(box)
         labels.append(label)
     return img, boxes, labels
 

@@ -136,6 +136,7 @@ class Cut:
     grid: int  # tiles in the full grid
     with_objects: int  # tiles used because they hold a box
     background: int  # empty tiles used as background
+    empty: int  # tiles of the grid touching no box at all
     fragments_dropped: int  # box pieces dropped by the visibility rule, over all tiles used
     lost: list[int] = field(default_factory=list)  # boxes kept on no tile (should not happen)
 
@@ -154,7 +155,7 @@ def pick_tiles(
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     with_objects: list[Tile] = []
     empty: list[Window] = []
-    fragments = 0
+    fragments = touched = 0
     seen: set[int] = set()
     for window in tile_grid(width, height, tile, overlap):
         kept, index, dropped = clip_to_tile(boxes, window, min_visible)
@@ -164,12 +165,15 @@ def pick_tiles(
             seen.update(index.tolist())
         elif not dropped:
             empty.append(window)  # touches no box at all: true background
+        else:
+            touched += 1  # only slivers of boxes: neither an object tile nor clean background
     n_background = min(len(empty), max(1, math.ceil(background_fraction * len(with_objects))))
     chosen = sorted(rng.choice(len(empty), size=n_background, replace=False).tolist()) if n_background else []
     background = [Tile(empty[i], np.zeros((0, 4)), np.zeros(0, dtype=np.int64)) for i in chosen]
     tiles = sorted(with_objects + background, key=lambda t: (t.window[1], t.window[0]))
     lost = sorted(set(range(len(boxes))) - seen)
-    return Cut(tiles, len(tile_grid(width, height, tile, overlap)), len(with_objects), len(background), fragments, lost)
+    grid = len(with_objects) + len(empty) + touched
+    return Cut(tiles, grid, len(with_objects), len(background), len(empty), fragments, lost)
 
 
 # -- sliced prediction ------------------------------------------------------------------------
@@ -239,3 +243,114 @@ def merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float 
     keep = np.asarray(keep, dtype=np.int64).reshape(-1)
     order = np.argsort(-np.asarray(scores, dtype=np.float64)[keep], kind="stable")
     return keep[order]
+
+
+# -- training tiles (the split stage) -----------------------------------------------------------
+TILE_QUALITY = 95  # JPEG quality of the tiles written, as the augment stage writes its copies
+
+
+@dataclass
+class TilingReport:
+    """What cutting the training images did, for ``split/report.json`` and the console."""
+
+    tile_size: int
+    overlap: float
+    min_visible: float = MIN_VISIBLE
+    background_fraction: float = BACKGROUND_FRACTION
+    images_tiled: int = 0  # training images cut into tiles
+    images_whole: int = 0  # training images no larger than a tile, kept whole
+    tiles: int = 0  # tiles written
+    tiles_with_objects: int = 0
+    background_tiles: int = 0
+    empty_tiles_left_out: int = 0  # grid tiles touching no box that were not drawn as background
+    fragments_dropped: int = 0  # box pieces under min_visible on the tiles written
+    boxes_lost: int = 0  # boxes that are at least min_visible visible on no tile
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def tile_training_images(
+    images: list, image_root, out_root, tile: int, overlap: float, seed: int, notes: list[dict], workers: int = 1
+) -> tuple[list, TilingReport]:
+    """Cut each of ``images`` (``ImageAnnotation``, checked by the split) larger than ``tile``
+    into tiles written under ``out_root``; copy the others there whole.
+
+    Returns the tiles and whole images as ``ImageAnnotation`` relative to ``out_root`` (in the
+    order of ``images``), and the report. ``out_root`` is Drip's own folder and is emptied
+    first; the user's files are only read.
+    """
+    import shutil
+    from pathlib import Path
+
+    from .dataset import resolve_image
+    from .parallel import ordered_map
+
+    out_root = Path(out_root)
+    if out_root.exists():
+        shutil.rmtree(out_root)
+    out_root.mkdir(parents=True)
+    report = TilingReport(tile, overlap)
+    # One generator per image, seeded by its position: the draw does not depend on threads.
+    seeds = np.random.SeedSequence(seed).spawn(len(images))
+
+    def cut_one(job):
+        image, seed_seq = job
+        return _cut_image(image, resolve_image(Path(image_root), image.file), out_root, tile, overlap,
+                          np.random.default_rng(seed_seq))
+
+    out = []
+    for image, (entries, cut) in zip(images, ordered_map(cut_one, list(zip(images, seeds)), workers)):
+        out += entries
+        if cut is None:
+            report.images_whole += 1
+            continue
+        report.images_tiled += 1
+        report.tiles += len(cut.tiles)
+        report.tiles_with_objects += cut.with_objects
+        report.background_tiles += cut.background
+        report.empty_tiles_left_out += cut.empty - cut.background
+        report.fragments_dropped += cut.fragments_dropped
+        report.boxes_lost += len(cut.lost)
+        for i in cut.lost:
+            box = ", ".join(f"{v:g}" for v in image.boxes[i])
+            notes.append({
+                "file": image.file,
+                "problem": f"{image.labels[i]!r} box [{box}] is less than {MIN_VISIBLE:g} visible on every "
+                f"{tile} px tile (the object is larger than about a tile)",
+                "action": "box left out of training; raise --tile_size",
+            })
+    return out, report
+
+
+def _cut_image(image, path, out_root, tile: int, overlap: float, rng: np.random.Generator):
+    """(entries, Cut) for one training image; Cut is None when it stays whole."""
+    import hashlib
+    import shutil
+
+    from .dataset import ImageAnnotation
+    from .images import encode_jpeg, open_rgb
+
+    if not needs_tiling(image.width, image.height, tile):
+        target = out_root / image.file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)  # the same bytes: the split's SHA-256 still holds
+        return [image], None
+    boxes = np.asarray(image.boxes, dtype=np.float64).reshape(-1, 4)
+    cut = pick_tiles(image.width, image.height, boxes, tile, overlap, rng)
+    entries = []
+    with open_rgb(path) as pixels:
+        for t in cut.tiles:
+            x0, y0, x1, y1 = t.window
+            name = f"{image.file}.tile_{x0}_{y0}.jpg"
+            data = encode_jpeg(pixels.crop(t.window), quality=TILE_QUALITY)
+            target = out_root / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            entries.append(ImageAnnotation(
+                file=name, width=x1 - x0, height=y1 - y0,
+                boxes=[[round(float(v), 3) for v in box] for box in t.boxes],
+                labels=[image.labels[i] for i in t.indices],
+                extra={"sha256": hashlib.sha256(data).hexdigest(), "source": image.file, "window": list(t.window)},
+            ))
+    return entries, cut

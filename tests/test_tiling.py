@@ -182,3 +182,101 @@ def test_small_image_is_predicted_whole_and_full_pass_adds_the_whole_image():
     big = Image.new("RGB", (300, 100))
     tiling.predict_sliced(big, 100, 0.2, detect, batch_size=8, full_pass=True)
     assert seen[-1] == (300, 100) and seen[:-1] == [(100, 100)] * (len(seen) - 1)
+
+
+# -- the split stage with --tile_size ------------------------------------------------------------
+@pytest.fixture
+def large_dataset(tmp_path):
+    """Five 600x450 images with 12 small shapes each, and one small image, in Drip JSON."""
+    from drip.dataset import ImageAnnotation
+    from drip.synthetic import draw_sparse_scene, write_drip_json
+
+    root = tmp_path / "big images"
+    rng = np.random.default_rng(3)
+    annotations = []
+    for i in range(5):
+        img, boxes, labels = draw_sparse_scene(rng, 600, 450, 12, (14, 22))
+        (root / "site").mkdir(parents=True, exist_ok=True)
+        img.save(root / "site" / f"ortho_{i}.png")
+        annotations.append(ImageAnnotation(f"site/ortho_{i}.png", 600, 450, boxes, labels))
+    img, boxes, labels = draw_sparse_scene(rng, 100, 90, 2, (14, 22))
+    img.save(root / "small.jpg", quality=95)
+    annotations.append(ImageAnnotation("small.jpg", 100, 90, boxes, labels))
+    meta = tmp_path / "large.json"
+    write_drip_json(meta, annotations)
+    return root, meta, annotations
+
+
+def test_split_cuts_training_images_into_tiles_per_source_image(tmp_path, large_dataset, config):
+    from drip.session import Session, read_json
+    from drip.stages import augment, records, split
+
+    root, meta, annotations = large_dataset
+    session = Session(tmp_path / "pipeline with tiles")
+    session.start_new()
+    cfg = config.updated(
+        {"src_json_path": str(meta), "image_folder_path": str(root), "tile_size": 160, "tile_overlap": 0.25,
+         "eval_percentage": 34},
+        "test",
+    )
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    split.run(session, cfg)
+    train = read_json(session.train_manifest)
+    evaluation = read_json(session.eval_manifest)
+    report = read_json(session.report_path)
+
+    # Eval images stay whole, in the user's folder; train entries are tiles in the session.
+    assert evaluation["image_root"] == str(root.resolve())
+    assert all(not e["file"].count(".tile_") for e in evaluation["images"])
+    assert train["image_root"] == str(session.images_tiled.resolve())
+    sources = {e.get("extra", {}).get("source", e["file"]) for e in train["images"]}
+    assert sources.isdisjoint({e["file"] for e in evaluation["images"]})  # split per source image
+    assert len(sources) + len(evaluation["images"]) == len(annotations)
+
+    tiling_report = report["tiling"]
+    assert tiling_report["tile_size"] == 160 and tiling_report["tiles"] == sum(
+        1 for e in train["images"] if ".tile_" in e["file"]
+    )
+    assert tiling_report["background_tiles"] <= -(-tiling_report["tiles_with_objects"] // 10) + tiling_report["images_tiled"]
+    for entry in train["images"]:
+        path = session.images_tiled / entry["file"]
+        with Image.open(path) as im:
+            assert im.size == (entry["width"], entry["height"])
+            assert max(im.size) <= 160 or ".tile_" not in entry["file"]
+        for obj in entry["objects"]:
+            x0, y0, x1, y1 = obj["box"]
+            assert 0 <= x0 < x1 <= entry["width"] and 0 <= y0 < y1 <= entry["height"]
+        if ".tile_" in entry["file"]:
+            # The tile's pixels are the source's pixels at its window (JPEG aside).
+            wx0, wy0, wx1, wy1 = entry["extra"]["window"]
+            with Image.open(root / entry["extra"]["source"]) as src, Image.open(path) as tile:
+                diff = np.abs(np.asarray(src.convert("RGB").crop((wx0, wy0, wx1, wy1)), float) - np.asarray(tile, float))
+            assert diff.mean() < 4
+    # Every training object is whole on some tile: the objects are smaller than the overlap.
+    on_tiles = {(e["extra"]["source"], tuple(np.round(np.add(o["box"], e["extra"]["window"][:2] * 2), 2)))
+                for e in train["images"] if ".tile_" in e["file"] for o in e["objects"]}
+    tiled = {e["extra"]["source"] for e in train["images"] if ".tile_" in e["file"]}
+    for a in annotations:
+        if a.file in tiled:
+            for box in a.boxes:
+                assert (a.file, tuple(np.round(box, 2))) in on_tiles
+    assert tiling_report["boxes_lost"] == 0
+
+    # Augment and records take the tiles as they take any training images.
+    augment.run(session, cfg)
+    result = records.run(session, cfg)
+    assert result.train == len(train["images"]) * (1 + cfg.augmentations)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # input untouched
+
+
+def test_tile_larger_than_every_image_keeps_them_whole(tmp_path, large_dataset, config):
+    from drip.session import Session, read_json
+    from drip.stages import split
+
+    root, meta, annotations = large_dataset
+    session = Session(tmp_path / "pipeline")
+    session.start_new()
+    split.run(session, config.updated({"src_json_path": str(meta), "image_folder_path": str(root), "tile_size": 4000}, "test"))
+    train = read_json(session.train_manifest)
+    assert not any(".tile_" in e["file"] for e in train["images"])
+    assert read_json(session.report_path)["tiling"]["images_whole"] == len(train["images"])

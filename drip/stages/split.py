@@ -7,7 +7,12 @@ under ``image_folder_path``, and the optional ``class_map_path``. Writes, in the
 * ``split/train.json`` and ``split/eval.json``: Drip JSON manifests holding only usable images,
   with their decoded (display) size and boxes clipped to it;
 * ``split/report.json``: every problem found and what was done about it;
-* the ``split`` entry of ``session.json``.
+* the ``split`` entry of ``session.json``;
+* with ``tile_size``: ``images_tiled/``, the training images larger than a tile cut into tiles
+  (``drip.tiling`` has the rules) and the others copied whole; ``split/train.json`` then lists
+  these, and the report counts tiles, background tiles and dropped box fragments. The split is
+  made per source image before cutting, so no image has tiles in both halves; eval images stay
+  whole.
 
 Nothing the user gave is modified. Images whose boxes were all unusable, and images that had no
 boxes to begin with, are kept as background images: they still teach the detector what is not an
@@ -40,6 +45,7 @@ from ..images import is_image_file, open_rgb_checked
 from ..labelmap import LabelMap
 from ..parallel import cores, ordered_map
 from ..session import Session, write_json
+from ..tiling import tile_training_images
 
 # Exporters compute x + w in floating point; a box ending a hair past the edge is rounding, not a
 # labelling mistake, so it is clipped without filling the report.
@@ -103,7 +109,16 @@ def run(session: Session, config: Config) -> SplitResult:
     if annotations.coco_category_ids is not None:
         coco_ids = annotations.coco_category_ids
         meta["coco_category_ids"] = {name: coco_ids[name] for name in names if name in coco_ids}
-    write_json(session.train_manifest, to_drip_json(train, **meta))
+    train_meta, tiles = meta, None
+    if config.tile_size:
+        train_items, tiles = tile_training_images(
+            train, image_root, session.images_tiled, config.tile_size, config.tile_overlap, config.seed, notes,
+            min(4, cores()),
+        )
+        train_meta = {**meta, "image_root": str(session.images_tiled.resolve())}
+    else:
+        train_items = train
+    write_json(session.train_manifest, to_drip_json(train_items, **train_meta))
     write_json(session.eval_manifest, to_drip_json(eval_, **meta))
     write_json(
         session.report_path,
@@ -114,6 +129,7 @@ def run(session: Session, config: Config) -> SplitResult:
             "images_used": len(usable),
             "train": len(train),
             "eval": len(eval_),
+            **({"tiling": tiles.to_json()} if tiles else {}),
             "problems": notes,
         },
     )
@@ -129,7 +145,15 @@ def run(session: Session, config: Config) -> SplitResult:
         eval_objects=_count_objects(eval_, names),
     )
     _print_summary(result, annotations.format, src, session)
-    session.record_stage("split", train=len(train), eval=len(eval_), classes=names, source=str(src))
+    if tiles:
+        console.info(
+            f"tiles of {tiles.tile_size} px: {tiles.images_tiled} training images cut into {tiles.tiles} tiles "
+            f"({tiles.tiles_with_objects} with objects, {tiles.background_tiles} background), "
+            f"{tiles.images_whole} kept whole; {tiles.fragments_dropped} box fragments under "
+            f"{tiles.min_visible:g} visible dropped, {tiles.boxes_lost} boxes on no tile"
+        )
+    facts = {"tiles": len(train_items)} if tiles else {}
+    session.record_stage("split", train=len(train), eval=len(eval_), classes=names, source=str(src), **facts)
     return result
 
 
