@@ -1,11 +1,14 @@
 """Reading the user's annotations, whatever tool made them, into Drip's in-memory form.
 
-Three formats are accepted and told apart by their content, not their names:
+Four formats are accepted and told apart by their content, not their names:
 
 * a folder of Pascal VOC ``.xml`` files (searched recursively), as written by labelImg, CVAT,
   Roboflow and the VOC datasets themselves;
 * a COCO instances ``.json`` (``images``, ``annotations``, ``categories``);
-* Drip's own JSON (``{"images": [{"file": ...}]}``, see ``drip.dataset``).
+* Drip's own JSON (``{"images": [{"file": ...}]}``, see ``drip.dataset``);
+* a YOLO dataset: its ``data.yaml`` (or the folder holding it) or a ``labels`` folder of
+  ``.txt`` files (see ``drip.yolo``). YOLO fixes where its images are, so its ``Annotations``
+  carry their own ``image_root``, and a ``data.yaml`` naming ``val`` carries that eval set.
 
 ``load_annotations`` only reads: it never opens an image and never judges a box. Whether an image
 exists, decodes and whether a box lies inside it is the split stage's business, which has the
@@ -21,8 +24,10 @@ folder to find images by name. Writes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -34,7 +39,8 @@ from .errors import InputError
 
 ACCEPTED = (
     "a COCO instances .json (with \"images\", \"annotations\", \"categories\"), "
-    "Drip JSON ({\"images\": [{\"file\": ...}]}) or a folder of Pascal VOC .xml files"
+    "Drip JSON ({\"images\": [{\"file\": ...}]}), a folder of Pascal VOC .xml files, "
+    "or a YOLO data.yaml or labels folder"
 )
 
 
@@ -42,16 +48,43 @@ ACCEPTED = (
 class Annotations:
     images: list[ImageAnnotation]
     classes: list[str]  # in the source's own order: COCO by category id, else first appearance
-    format: str  # "coco" | "voc" | "drip"
+    format: str  # "coco" | "voc" | "drip" | "yolo"
     notes: list[dict[str, str]] = field(default_factory=list)  # {"file", "problem", "action"}
     # COCO only: the source's category id per class name, so results can be written back in the
     # ids the user's COCO tooling expects even though Drip renumbers classes 1..K.
     coco_category_ids: dict[str, int] | None = None
+    # Where ``images[].file`` paths start when the format decides it (YOLO: each split's images
+    # folder); None means the image folder the caller gave.
+    image_root: Path | None = None
+    # An eval set the source names itself (a data.yaml's ``val``), with its own image_root.
+    eval: Annotations | None = None
+
+    def relative_to(self, root: Path) -> list[ImageAnnotation]:
+        """Every image of this set and of its eval set that lies under ``root``, named relative
+        to it: what scoring needs, where the image paths are relative to ``--images_path``."""
+        root = Path(os.path.abspath(root))
+        out = []
+        for part in (self, self.eval) if self.eval is not None else (self,):
+            if part.image_root is None:
+                out += part.images
+                continue
+            base = Path(os.path.abspath(part.image_root))
+            for image in part.images:
+                path = base / image.file
+                if path.is_relative_to(root):
+                    out.append(dataclasses.replace(image, file=path.relative_to(root).as_posix()))
+        return out
 
 
 def load_annotations(src: Path, image_root: Path) -> Annotations:
     """Read ``src`` (file or folder) with image paths taken relative to ``image_root``."""
+    from . import yolo
+
     src, image_root = Path(src), Path(image_root)
+    if src.exists() and yolo.is_yolo_source(src):
+        if src.is_dir() and yolo.yaml_in(src) is None:
+            return yolo.read_labels_folder(src)
+        return yolo.read_yaml_dataset(yolo.yaml_in(src) if src.is_dir() else src)
     if src.is_dir():
         return _read_voc_folder(src, image_root)
     if not src.exists():
@@ -73,6 +106,16 @@ def load_annotations(src: Path, image_root: Path) -> Annotations:
             )
     shape = f"keys {sorted(data)[:6]}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
     raise InputError(f"{src}: found {shape}, which is no annotation format Drip reads; give {ACCEPTED}")
+
+
+def load_for_scoring(src: Path, images_path: Path) -> Annotations:
+    """``load_annotations`` for scoring images under ``images_path``: one set (a data.yaml's
+    splits together), named relative to that folder; images elsewhere are not part of it."""
+    annotations = load_annotations(src, images_path)
+    if annotations.image_root is None and annotations.eval is None:
+        return annotations
+    images = annotations.relative_to(images_path)
+    return dataclasses.replace(annotations, images=images, image_root=None, eval=None)
 
 
 def _read_json(src: Path) -> Any:

@@ -77,13 +77,22 @@ class Config(_Schema):
     # -- data ---------------------------------------------------------------------------------
     src_json_path: str = _opt(
         "files/metadata.json",
-        "Annotations: a COCO instances JSON, Drip's own JSON, or a folder of Pascal VOC XML "
-        "files. The format is detected from the content.",
+        "Annotations: a COCO instances JSON, Drip's own JSON, a folder of Pascal VOC XML "
+        "files, or a YOLO dataset (its data.yaml, or a labels folder beside images/). The "
+        "format is detected from the content. A data.yaml's 'val' becomes the eval set.",
+        "data",
+    )
+    eval_json_path: str | None = _opt(
+        None,
+        "Annotations of your own eval set, in any format --src_json_path takes (image paths "
+        "relative to --image_folder_path; a data.yaml gives its 'val'). When given, the random "
+        "split is skipped and eval_percentage is not used.",
         "data",
     )
     image_folder_path: str = _opt(
         "files/images/",
-        "Folder holding the images; annotation file names are relative to it (sub-folders allowed).",
+        "Folder holding the images; annotation file names are relative to it (sub-folders "
+        "allowed). Not used for YOLO, whose images are in images/ beside labels/.",
         "data",
     )
     class_map_path: str | None = _opt(
@@ -498,8 +507,8 @@ class InferConfig(_ModelRun):
     )
     src_json_path: str | None = _opt(
         None,
-        "Annotations of these images (COCO JSON, Drip JSON or a VOC folder; image paths relative "
-        "to --images_path). When given, the model is also scored against them: COCO metrics in "
+        "Annotations of these images (COCO JSON, Drip JSON, a VOC folder or a YOLO data.yaml or "
+        "labels folder; image paths relative to --images_path, YOLO images those under it). When given, the model is also scored against them: COCO metrics in "
         "<results_path>/metrics.json and, for COCO annotations, every detection in "
         "<results_path>/coco_results.json in the file's own image and category ids.",
         "data",
@@ -520,8 +529,9 @@ class EvaluateConfig(_ModelRun):
     )
     src_json_path: str = _opt(
         "files/metadata.json",
-        "Annotations to score against: a COCO instances JSON, Drip's own JSON, or a folder of "
-        "Pascal VOC XML files. Classes are matched to the model's by name.",
+        "Annotations to score against: a COCO instances JSON, Drip's own JSON, a folder of "
+        "Pascal VOC XML files, or a YOLO data.yaml or labels folder (its images under "
+        "--images_path are scored). Classes are matched to the model's by name.",
         "data",
     )
     results_path: str = _opt(

@@ -149,3 +149,25 @@ def read_drip_json(data: Any, source: str) -> list[ImageAnnotation]:
 
 def to_drip_json(annotations: list[ImageAnnotation], **meta: Any) -> dict[str, Any]:
     return {**meta, "images": [a.to_json() for a in annotations]}
+
+
+def to_coco_json(annotations: list[ImageAnnotation], classes: list[str], image_root: Path) -> dict[str, Any]:
+    """A COCO instances JSON of checked annotations, for other tools: category ids are Drip's
+    (1..K in ``classes`` order), image ids 1..N, ``file_name`` relative to ``image_root``."""
+    category = {name: i for i, name in enumerate(classes, start=1)}
+    images, objects = [], []
+    for image_id, image in enumerate(annotations, start=1):
+        images.append({"id": image_id, "file_name": image.file, "width": image.width, "height": image.height})
+        for (x0, y0, x1, y1), label in zip(image.boxes, image.labels):
+            w, h = round(x1 - x0, 3), round(y1 - y0, 3)
+            objects.append({
+                "id": len(objects) + 1, "image_id": image_id, "category_id": category[label],
+                "bbox": [round(x0, 3), round(y0, 3), w, h], "area": round(w * h, 3), "iscrowd": 0,
+            })
+    return {
+        "info": {"description": "written by Drip's split stage", "image_root": str(image_root)},
+        "licenses": [],
+        "images": images,
+        "annotations": objects,
+        "categories": [{"id": i, "name": name, "supercategory": ""} for name, i in category.items()],
+    }

@@ -65,6 +65,7 @@ RESERVED_TOP = frozenset({
 # read-write, created on the host first so it belongs to the user, not to the engine's root.
 TRAIN_PATHS = (
     ("src_json_path", "ro", "input"),
+    ("eval_json_path", "ro", "input"),
     ("image_folder_path", "ro", "input"),
     ("class_map_path", "ro", "input"),
     ("augmentation_policy", "ro", "input"),
@@ -205,6 +206,19 @@ def _arg_in_container(value: str, cwd: str) -> str:
     return value if as_typed == inside else inside
 
 
+def yolo_dataset_folder(value: str, cwd: str) -> str | None:
+    """The folder a YOLO source's images live in, to mount with it: a data.yaml's folder, or
+    the folder above a ``labels`` folder (which holds ``images/`` too). None for other formats."""
+    lexical, real = _resolve(value, cwd)
+    if os.path.isfile(real) and lexical.lower().endswith((".yaml", ".yml")):
+        return os.path.dirname(lexical)
+    parts = Path(lexical).parts
+    if os.path.isdir(real) and "labels" in parts[1:]:
+        at = len(parts) - 1 - parts[::-1].index("labels")
+        return str(Path(*parts[:at]))
+    return None
+
+
 def _add_mount(mounts: list[Mount], new: Mount) -> None:
     """Add ``new`` unless a mount already gives the same access; rw wins over ro."""
     for i, m in enumerate(mounts):
@@ -310,6 +324,10 @@ def build_run_spec(command: str, args: argparse.Namespace, image: str, host: Hos
         if kind == "input" and not exists:
             continue  # drip itself reports a missing input, with the path as typed
         inside = mount(value, mode, create=kind == "output")
+        if name in ("src_json_path", "eval_json_path"):
+            dataset = yolo_dataset_folder(value, cwd)
+            if dataset is not None:
+                mount(dataset, "ro")  # YOLO's images are beside its labels, not in --image_folder_path
         if inside != value or hasattr(args, name):
             rewritten[name] = inside
 

@@ -524,7 +524,7 @@ class EvaluateResult:
 def evaluate_annotations(config, session_folder: Path) -> EvaluateResult:
     """``drip evaluate``: score the model ``config.model`` on ``config.images_path`` against
     ``config.src_json_path`` and write the metrics JSON to ``config.metrics_path()``."""
-    from .annotations import load_annotations
+    from .annotations import load_for_scoring
     from .images import open_rgb
     from .models import load_model, resolve_device
     from .stages.infer import resolve_model_path
@@ -538,9 +538,9 @@ def evaluate_annotations(config, session_folder: Path) -> EvaluateResult:
             f"--images_path {images_path} {what}; pass the folder the annotation file's image paths are relative to"
         )
     src = Path(config.src_json_path)
-    annotations = load_annotations(src, images_path)
+    annotations = load_for_scoring(src, images_path)
     if not annotations.images:
-        raise InputError(f"--src_json_path {src}: lists no images; nothing to evaluate")
+        raise InputError(f"--src_json_path {src}: lists no images under --images_path {images_path}; nothing to evaluate")
     output = config.metrics_path()
     if output.is_dir():
         raise InputError(f"--results_path {config.results_path}: {output} is a folder; give another results folder")

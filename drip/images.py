@@ -92,6 +92,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def display_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as displayed, read from the header alone; None if it cannot be read.
+
+    Formats that give boxes as fractions of the image (YOLO) need the size before the split
+    decodes the image; an unreadable file is left for the split to report.
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated a quarter turn
+                width, height = height, width
+            return width, height
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+        return None
+
+
 def load_rgb(path: Path) -> np.ndarray:
     """``open_rgb`` as an HxWx3 uint8 array."""
     return np.asarray(open_rgb(path))

@@ -194,9 +194,9 @@ def run(config: InferConfig, session_folder: Path) -> InferResult:
 # -- scoring (needs PyTorch, through drip.evaluate) --------------------------------------------
 def _scoring(config: InferConfig):
     """Read the annotations now (a bad file fails before the model loads); a Scoring maker."""
-    from .annotations import load_annotations
+    from .annotations import load_for_scoring
 
-    annotations = load_annotations(Path(config.src_json_path), Path(config.images_path))
+    annotations = load_for_scoring(Path(config.src_json_path), Path(config.images_path))
     try:
         from .evaluate import Scoring
     except ImportError as exc:

@@ -104,11 +104,18 @@ def _session_config(session: Session, overrides: dict, require: bool) -> Config:
 
 def _check_inputs(config: Config) -> None:
     """Fail on a missing input before the current session is moved to trash."""
-    src = Path(config.src_json_path)
-    if not src.exists():
-        raise InputError(f"--src_json_path {src}: not found; point it at your annotations (a COCO/Drip JSON file or a VOC folder)")
+    from .yolo import is_yolo_source
+
+    sources = [("src_json_path", config.src_json_path), ("eval_json_path", config.eval_json_path)]
+    for flag, value in sources:
+        if value is not None and not Path(value).exists():
+            raise InputError(
+                f"--{flag} {value}: not found; point it at your annotations "
+                "(a COCO/Drip JSON file, a VOC folder, or a YOLO data.yaml or labels folder)"
+            )
     root = Path(config.image_folder_path)
-    if not root.is_dir():
+    # YOLO keeps its images in images/ beside labels/; other formats name them under this folder.
+    if not root.is_dir() and not all(is_yolo_source(Path(v)) for _, v in sources if v is not None):
         raise InputError(f"--image_folder_path {root}: not a folder; point it at the folder holding your images")
     if config.class_map_path is not None and not Path(config.class_map_path).is_file():
         raise InputError(f"--class_map_path {config.class_map_path}: not found; fix the path or leave the flag out to take classes from the annotations")

@@ -6,7 +6,8 @@ Layout under ``--session_folder`` (default ``pipeline/``)::
       session.json            what ran, when, with which Drip (updated by each stage)
       pipeline.config         the training config (commented YAML, user-editable)
       label_map.pbtxt         class ids and names
-      split/                  train.json, eval.json (Drip JSON manifests), report.json
+      split/                  train.json, eval.json (Drip JSON manifests), report.json,
+                              train.coco.json, eval.coco.json (the same, as COCO)
       records/                train-*.tfrecord, eval-*.tfrecord, records.json
       checkpoints/            step-XXXXXXX.pt, the newest few, and best.pt (best AP so far)
       logs/                   TensorBoard event files
@@ -83,6 +84,14 @@ class Session:
     @property
     def eval_manifest(self) -> Path:
         return self.split_dir / "eval.json"
+
+    @property
+    def train_coco(self) -> Path:
+        return self.split_dir / "train.coco.json"
+
+    @property
+    def eval_coco(self) -> Path:
+        return self.split_dir / "eval.coco.json"
 
     @property
     def report_path(self) -> Path:

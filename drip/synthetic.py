@@ -7,6 +7,7 @@ work on while staying small enough for a CPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -106,3 +107,45 @@ def make_dataset(
 
 def write_drip_json(path: Path, annotations: list[ImageAnnotation]) -> None:
     Path(path).write_text(json.dumps(to_drip_json(annotations), indent=2), encoding="utf-8")
+
+
+def write_yolo_labels(labels_dir: Path, annotations: list[ImageAnnotation], classes=CLASSES) -> None:
+    """One YOLO ``.txt`` per image under ``labels_dir`` (mirroring ``file``): ``class cx cy w h``."""
+    for image in annotations:
+        lines = []
+        for (x0, y0, x1, y1), label in zip(image.boxes, image.labels):
+            cx, cy = (x0 + x1) / 2 / image.width, (y0 + y1) / 2 / image.height
+            w, h = (x1 - x0) / image.width, (y1 - y0) / image.height
+            lines.append(f"{classes.index(label)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+        path = (Path(labels_dir) / image.file).with_suffix(".txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def make_roboflow_yolo(root: Path, n_train: int, n_valid: int, n_test: int = 0, size=(160, 120), seed: int = 0) -> dict:
+    """A YOLO dataset laid out as Roboflow exports it ("YOLOv8" format): ``data.yaml`` naming
+    ``../train/images`` and ``../valid/images``, ``<split>/images`` beside ``<split>/labels``,
+    file names with Roboflow's ``_jpg.rf.<hash>`` suffix. Returns the annotations per split."""
+    root = Path(root)
+    out = {}
+    for i, (split, n) in enumerate((("train", n_train), ("valid", n_valid), ("test", n_test))):
+        if not n:
+            continue
+        annotations = make_dataset(root / split / "images", n, size=size, folders=(), seed=seed + i)
+        for image in annotations:
+            stem = Path(image.file).stem
+            renamed = f"{stem}_jpg.rf.{hashlib.md5(f'{split}/{stem}'.encode()).hexdigest()}.jpg"
+            (root / split / "images" / image.file).rename(root / split / "images" / renamed)
+            image.file = renamed
+        write_yolo_labels(root / split / "labels", annotations)
+        out[split] = annotations
+    (root / "data.yaml").write_text(
+        "train: ../train/images\nval: ../valid/images\n"
+        + ("test: ../test/images\n" if n_test else "")
+        + f"\nnc: {len(CLASSES)}\nnames: {list(CLASSES)!r}\n\n"
+        "roboflow:\n  workspace: drip-tests\n  project: shapes\n  version: 1\n  license: CC BY 4.0\n"
+        "  url: https://universe.roboflow.com/drip-tests/shapes/dataset/1\n",
+        encoding="utf-8",
+    )
+    (root / "README.roboflow.txt").write_text("Exported via roboflow.com\n", encoding="utf-8")
+    return out

@@ -81,6 +81,23 @@ def test_train_given_paths_elsewhere_are_mounted_where_they_are(project, tmp_pat
     assert s.command[-2:] == ["--number_of_steps", "5"]
 
 
+def test_a_yolo_dataset_is_mounted_whole_read_only(project, tmp_path):
+    """YOLO images sit beside the labels, not in --image_folder_path: the dataset folder goes in."""
+    data = tmp_path / "yolo set"
+    for split in ("train", "valid"):
+        (data / split / "images").mkdir(parents=True)
+        (data / split / "labels").mkdir(parents=True)
+    (data / "data.yaml").write_text("names: [a]\ntrain: ../train/images\nval: ../valid/images\n")
+    s = spec("train", ["--src_json_path", str(data / "data.yaml"), "--eval_json_path", str(data / "valid" / "labels")], project)
+    m = mounts(s)
+    assert m[str(data)] == (str(data), "ro")
+    assert str(data / "data.yaml") not in m and str(data / "valid") not in m  # covered by the folder
+    s = spec("train", ["--src_json_path", str(data / "train" / "labels")], project)
+    assert mounts(s)[str(data / "train")] == (str(data / "train"), "ro")
+    s = spec("infer", ["--src_json_path", str(data / "data.yaml"), "--images_path", str(data / "valid")], project)
+    assert mounts(s)[str(data)] == (str(data), "ro")
+
+
 def test_nothing_else_of_the_host_is_mounted(project):
     s = spec("train", [], project)
     for m in s.mounts:

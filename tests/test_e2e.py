@@ -1,6 +1,6 @@
 """End to end through the real starters, on the CPU: train, resume, edit the config, resume, infer.
 
-Each input format (Drip JSON, COCO, Pascal VOC) trains a few steps from real JPEG files; the
+Each input format (Drip JSON, COCO, Pascal VOC, YOLO) trains a few steps from real JPEG files; the
 session folder, the TensorBoard logs and the JSON results are then read back as a user would.
 """
 
@@ -177,3 +177,29 @@ def test_train_from_other_formats(data, tmp_path, fmt):
     assert sorted(model["classes"]) == ["circle", "square", "triangle"]
     label_map = (session / "dl" / "label_map.pbtxt").read_text()
     assert [line.split("'")[1] for line in label_map.splitlines() if "name:" in line] == model["classes"]
+
+
+def test_a_roboflow_yolo_export_trains_and_infers_with_the_same_commands(tmp_path):
+    """The dataset as Roboflow exports it: data.yaml with ../train/images, val honoured, scored."""
+    from drip.synthetic import make_roboflow_yolo
+
+    root = tmp_path / "Shapes v1 (yolov8)"
+    make_roboflow_yolo(root, 8, 3, 2, seed=6)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    session = tmp_path / "s"
+    starter("training_starter.py", *FAST, "--session_folder", str(session), "--src_json_path",
+            str(root / "data.yaml"), "--number_of_steps", "2", "--augmentations", "1")
+    report = json.loads((session / "dl" / "split" / "report.json").read_text())
+    assert (report["format"], report["train"], report["eval"]) == ("yolo", 8, 3)
+    model = torch.load(session / "dl" / "model.pt", weights_only=True)
+    assert model["classes"] == ["circle", "square", "triangle"]
+
+    results = tmp_path / "results"
+    starter("inference_starter.py", "--runtime", "local", "--session_folder", str(session), "--device", "cpu",
+            "--images_path", str(root / "valid"), "--results_path", str(results),
+            "--src_json_path", str(root / "data.yaml"), "--threshold", "0")
+    assert len(json.loads((results / "images" / "detections.json").read_text())["images"]) == 3
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics["annotation_format"] == "yolo" and metrics["not_scored"] == []
+    assert metrics["metrics"]["images"] == 3  # valid/ only: train images are not under --images_path
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before

@@ -159,10 +159,10 @@ def run_loaded(
 def _read_annotations(config: InferConfig) -> Any:
     if not config.src_json_path:
         return None
-    from ..annotations import load_annotations
+    from ..annotations import load_for_scoring
 
     # Annotation paths are relative to the image folder, as infer's image paths are.
-    return load_annotations(Path(config.src_json_path), Path(config.images_path))
+    return load_for_scoring(Path(config.src_json_path), Path(config.images_path))
 
 
 def _score_floor(model: torch.nn.Module, scoring: Any, threshold: float):

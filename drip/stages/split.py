@@ -1,18 +1,27 @@
 """The split stage: check the user's annotations and images, then divide them into train and eval.
 
-Reads the annotations (``src_json_path``: COCO, Pascal VOC or Drip JSON), every image they name
-under ``image_folder_path``, and the optional ``class_map_path``. Writes, in the session:
+Reads the annotations (``src_json_path``: COCO, Pascal VOC, Drip JSON or YOLO), the optional
+eval set (``eval_json_path``, or a YOLO data.yaml's ``val``), every image they name under
+``image_folder_path`` (YOLO: under its own images folders), and the optional
+``class_map_path``. Writes, in the session:
 
 * ``label_map.pbtxt``: the class ids every later stage uses;
 * ``split/train.json`` and ``split/eval.json``: Drip JSON manifests holding only usable images,
-  with their decoded (display) size and boxes clipped to it;
-* ``split/report.json``: every problem found and what was done about it;
+  with their decoded (display) size and boxes clipped to it, each with its ``image_root``;
+* ``split/train.coco.json`` and ``split/eval.coco.json``: the same as COCO instances JSON, so
+  the checked split can be taken to other tools (the source images, before any tiling);
+* ``split/report.json``: every problem found and what was done about it, and the byte-identical
+  images found;
 * the ``split`` entry of ``session.json``;
 * with ``tile_size``: ``images_tiled/``, the training images larger than a tile cut into tiles
   (``drip.tiling`` has the rules) and the others copied whole; ``split/train.json`` then lists
   these, and the report counts tiles, background tiles and dropped box fragments. The split is
   made per source image before cutting, so no image has tiles in both halves; eval images stay
   whole.
+
+Identical images (same bytes, any names) would put on the eval side what was trained on. The
+random split keeps each set of them on one side. A split the user gave is theirs: copies found
+across it are reported, with a warning, and left where the user put them.
 
 Nothing the user gave is modified. Images whose boxes were all unusable, and images that had no
 boxes to begin with, are kept as background images: they still teach the detector what is not an
@@ -39,7 +48,7 @@ import numpy as np
 from .. import console
 from ..annotations import Annotations, load_annotations
 from ..config import Config
-from ..dataset import ImageAnnotation, resolve_image, to_drip_json
+from ..dataset import ImageAnnotation, resolve_image, to_coco_json, to_drip_json
 from ..errors import InputError
 from ..images import is_image_file, open_rgb_checked
 from ..labelmap import LabelMap
@@ -62,74 +71,135 @@ class SplitResult:
     problems: int  # entries in split/report.json
     train_objects: dict[str, int]  # boxes per class
     eval_objects: dict[str, int]
+    identical_copies: int = 0  # images that repeat another image's bytes
+    identical_across: int = 0  # of those, eval images with a copy in train (given splits only)
+    eval_source: str | None = None  # the user's eval set, or None for the random split
+
+
+@dataclass
+class _Part:
+    """One side as the user gave it: the annotations, where they came from, where images start."""
+
+    images: list[ImageAnnotation]
+    source: Path
+    root: Path
 
 
 def run(session: Session, config: Config) -> SplitResult:
     src = Path(config.src_json_path)
-    image_root = Path(config.image_folder_path)
-    if not image_root.is_dir():
-        raise InputError(f"{image_root}: image folder not found; check --image_folder_path")
-    annotations = load_annotations(src, image_root)
+    folder = Path(config.image_folder_path)
+    annotations = load_annotations(src, folder)
     if not annotations.images:
         raise InputError(f"{src}: lists no images; annotate some images, or check --src_json_path")
     notes = list(annotations.notes)
-    _refuse_duplicates(annotations.images, src)
-    _note_unlisted(image_root, annotations.images, notes)
+    classes = list(annotations.classes)
+    train_part = _Part(annotations.images, src, _root(annotations, folder))
+    eval_part = None
+    if config.eval_json_path:
+        eval_src = Path(config.eval_json_path)
+        if annotations.eval is not None:
+            raise InputError(
+                f"--eval_json_path {eval_src}: {src} names its own eval set (val); "
+                f"use one of them: drop --eval_json_path, or 'val' from {src.name}"
+            )
+        given = load_annotations(eval_src, folder)
+        notes += given.notes
+        given = given.eval if given.eval is not None else given  # a data.yaml gives its val
+        classes += [c for c in given.classes if c not in classes]
+        eval_part = _Part(given.images, eval_src, _root(given, folder))
+    elif annotations.eval is not None:
+        eval_part = _Part(annotations.eval.images, src, _root(annotations.eval, folder))
+    parts = [train_part] + ([eval_part] if eval_part else [])
+    if eval_part is not None and not eval_part.images:
+        raise InputError(f"{eval_part.source}: lists no eval images; annotate some, or leave --eval_json_path out")
+    for part in parts:
+        _refuse_duplicates(part.images, part.source)
+    _note_unlisted(parts, notes)
 
     class_map = None
     if config.class_map_path:
         class_map = LabelMap.read(Path(config.class_map_path))
-        _check_labels(annotations, class_map, Path(config.class_map_path), src)
+        for part in parts:
+            _check_labels(part.images, class_map, Path(config.class_map_path), part.source)
 
-    usable = _check_images(annotations.images, image_root, src, config.on_bad_image, notes)
-    for image in usable:
-        _check_boxes(image, notes)
-    if not usable:
+    usable = []
+    for part in parts:
+        kept = _check_images(part.images, part.root, part.source, config.on_bad_image, notes)
+        for image in kept:
+            _check_boxes(image, notes)
+        if not kept:
+            raise InputError(
+                f"{part.source}: none of its {len(part.images)} images can be used (the first: "
+                f"{_first_left_out(notes)}); "
+                + (f"check --image_folder_path {part.root}" if part.root == folder else f"check the images in {part.root}")
+            )
+        usable.append(kept)
+    if not any(image.boxes for image in usable[0]):
         raise InputError(
-            f"{src}: none of its {len(annotations.images)} images can be used (the first: "
-            f"{_first_left_out(notes)}); check --image_folder_path {image_root}"
-        )
-    if not any(image.boxes for image in usable):
-        raise InputError(
-            f"{src}: no usable boxes in {len(usable)} images; annotate at least one object "
+            f"{src}: no usable boxes in {len(usable[0])} images; annotate at least one object "
             "(images without boxes only teach what is not an object)"
         )
 
     if class_map is None:
-        with_boxes = {label for image in usable for label in image.labels}
-        names = [c for c in annotations.classes if c in with_boxes]
+        with_boxes = {label for kept in usable for image in kept for label in image.labels}
+        names = [c for c in classes if c in with_boxes]
         names += sorted(with_boxes - set(names))  # no reader does this today; never lose a class
         class_map = LabelMap.from_names(names)
     names = list(class_map.names)
 
-    train, eval_ = split_images(usable, names, config.eval_percentage, config.seed, src)
+    if eval_part is None:
+        train, eval_ = split_images(usable[0], names, config.eval_percentage, config.seed, src)
+        identical = _identical_sets(train + eval_)
+        across = []
+    else:
+        train, eval_ = usable
+        identical = _identical_sets(train + eval_)
+        across = _across(identical, set(map(id, eval_)))
+        if across:
+            first_train, first_eval = across[0]
+            console.warn(
+                f"{len(across)} eval images have a byte-identical copy among the training images "
+                f"(e.g. eval {first_eval!r} = train {first_train!r}): eval scores will read too "
+                f"high; remove them from one side (kept as given; listed in {session.report_path})"
+            )
 
     class_map.write(session.label_map_path)
-    meta = {"image_root": str(image_root.resolve()), "classes": names}
+    meta: dict = {"classes": names}
     if annotations.coco_category_ids is not None:
         coco_ids = annotations.coco_category_ids
         meta["coco_category_ids"] = {name: coco_ids[name] for name in names if name in coco_ids}
-    train_meta, tiles = meta, None
+    eval_root = eval_part.root if eval_part else train_part.root
+    train_items, train_root, tiles = train, train_part.root, None
     if config.tile_size:
         train_items, tiles = tile_training_images(
-            train, image_root, session.images_tiled, config.tile_size, config.tile_overlap, config.seed, notes,
+            train, train_part.root, session.images_tiled, config.tile_size, config.tile_overlap, config.seed, notes,
             min(4, cores()),
         )
-        train_meta = {**meta, "image_root": str(session.images_tiled.resolve())}
-    else:
-        train_items = train
-    write_json(session.train_manifest, to_drip_json(train_items, **train_meta))
-    write_json(session.eval_manifest, to_drip_json(eval_, **meta))
+        train_root = session.images_tiled
+    write_json(session.train_manifest, to_drip_json(train_items, image_root=str(train_root.resolve()), **meta))
+    write_json(session.eval_manifest, to_drip_json(eval_, image_root=str(eval_root.resolve()), **meta))
+    write_json(session.train_coco, to_coco_json(train, names, train_part.root.resolve()))
+    write_json(session.eval_coco, to_coco_json(eval_, names, eval_root.resolve()))
+    copies = sum(len(group) - 1 for group in identical)
     write_json(
         session.report_path,
         {
             "format": annotations.format,
             "source": str(src),
-            "images_total": len(annotations.images),
-            "images_used": len(usable),
+            "eval_source": str(eval_part.source) if eval_part else "random split (eval_percentage)",
+            "images_total": sum(len(part.images) for part in parts),
+            "images_used": len(train) + len(eval_),
             "train": len(train),
             "eval": len(eval_),
             **({"tiling": tiles.to_json()} if tiles else {}),
+            # Byte-identical images: a random split keeps each set on one side; a given split is
+            # kept as given, and the copies found on both sides are listed.
+            "identical_images": {
+                "copies": copies,
+                "sets": [[image.file for image in group] for group in identical[:_LISTED]],
+                "across_train_and_eval": [{"train": t, "eval": e} for t, e in across[:_LISTED]],
+                "across_count": len(across),
+            },
             "problems": notes,
         },
     )
@@ -138,11 +208,14 @@ def run(session: Session, config: Config) -> SplitResult:
         n_train=len(train),
         n_eval=len(eval_),
         classes=names,
-        images_total=len(annotations.images),
-        images_used=len(usable),
+        images_total=sum(len(part.images) for part in parts),
+        images_used=len(train) + len(eval_),
         problems=len(notes),
         train_objects=_count_objects(train, names),
         eval_objects=_count_objects(eval_, names),
+        identical_copies=copies,
+        identical_across=len(across),
+        eval_source=str(eval_part.source) if eval_part else None,
     )
     _print_summary(result, annotations.format, src, session)
     if tiles:
@@ -155,6 +228,38 @@ def run(session: Session, config: Config) -> SplitResult:
     facts = {"tiles": len(train_items)} if tiles else {}
     session.record_stage("split", train=len(train), eval=len(eval_), classes=names, source=str(src), **facts)
     return result
+
+
+_LISTED = 50  # identical sets written out in full in the report; the counts are always whole
+
+
+def _root(annotations: Annotations, folder: Path) -> Path:
+    """Where this set's image paths start: its own root (YOLO), else --image_folder_path."""
+    if annotations.image_root is not None:
+        return annotations.image_root
+    if not folder.is_dir():
+        raise InputError(f"{folder}: image folder not found; check --image_folder_path")
+    return folder
+
+
+def _identical_sets(images: list[ImageAnnotation]) -> list[list[ImageAnnotation]]:
+    """Images with the same bytes (the digest the check recorded), two or more to a set."""
+    by_digest: dict[str, list[ImageAnnotation]] = {}
+    for image in images:
+        digest = image.extra.get("sha256")
+        if digest:
+            by_digest.setdefault(digest, []).append(image)
+    return [group for group in by_digest.values() if len(group) > 1]
+
+
+def _across(identical: list[list[ImageAnnotation]], eval_ids: set[int]) -> list[tuple[str, str]]:
+    """(train file, eval file) for each eval image with a copy among the training images."""
+    pairs = []
+    for group in identical:
+        train = [image for image in group if id(image) not in eval_ids]
+        if train:
+            pairs += [(train[0].file, image.file) for image in group if id(image) in eval_ids]
+    return pairs
 
 
 # -- checks -----------------------------------------------------------------------------------
@@ -170,28 +275,31 @@ def _refuse_duplicates(images: list[ImageAnnotation], src: Path) -> None:
         )
 
 
-def _note_unlisted(root: Path, images: list[ImageAnnotation], notes: list[dict]) -> None:
-    """One note for the image files under ``root`` that no annotation names.
+def _note_unlisted(parts: list[_Part], notes: list[dict]) -> None:
+    """One note per image folder for the image files under it that no annotation names.
 
     They are not used: an image nobody annotated may well show objects, and training on it as
     background would teach the detector to miss them. An image listed with no boxes is the way
     to say "nothing here".
     """
-    listed = {image.file for image in images}
-    unlisted = []
-    for folder, _, files in os.walk(root):  # does not follow symlinked folders
-        for name in files:
-            relative = Path(folder, name).relative_to(root).as_posix()
-            if is_image_file(Path(name)) and relative not in listed:
-                unlisted.append(relative)
-    if unlisted:
-        unlisted.sort()
-        examples = ", ".join(unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
-        notes.append({
-            "file": str(root),
-            "problem": f"{len(unlisted)} image files in the image folder are in no annotation ({examples})",
-            "action": "not used; to train on one as background (nothing to detect), list it with no boxes",
-        })
+    listed: dict[Path, set[str]] = {}
+    for part in parts:
+        listed.setdefault(part.root, set()).update(image.file for image in part.images)
+    for root, names in listed.items():
+        unlisted = []
+        for folder, _, files in os.walk(root):  # does not follow symlinked folders
+            for name in files:
+                relative = Path(folder, name).relative_to(root).as_posix()
+                if is_image_file(Path(name)) and relative not in names:
+                    unlisted.append(relative)
+        if unlisted:
+            unlisted.sort()
+            examples = ", ".join(unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+            notes.append({
+                "file": str(root),
+                "problem": f"{len(unlisted)} image files in the image folder are in no annotation ({examples})",
+                "action": "not used; to train on one as background (nothing to detect), list it with no boxes",
+            })
 
 
 def _first_left_out(notes: list[dict]) -> str:
@@ -199,9 +307,9 @@ def _first_left_out(notes: list[dict]) -> str:
     return left_out[0] if left_out else "no images listed"
 
 
-def _check_labels(annotations: Annotations, class_map: LabelMap, class_map_path: Path, src: Path) -> None:
+def _check_labels(images: list[ImageAnnotation], class_map: LabelMap, class_map_path: Path, src: Path) -> None:
     known = set(class_map.names)
-    unknown = sorted({label for image in annotations.images for label in image.labels} - known)
+    unknown = sorted({label for image in images for label in image.labels} - known)
     if unknown:
         raise InputError(
             f"{src}: labels {', '.join(map(repr, unknown))} are not in the class map {class_map_path} "
@@ -299,30 +407,35 @@ def split_images(
     Grouping by the rarest class puts the images that carry a rare class in a group of their own,
     so a class seen in only a few images still reaches both halves; each group gives its share
     to eval and the shares are balanced so the eval total is ``eval_percentage`` of all images.
+
+    Byte-identical images (the same ``sha256``, whatever their names) are one unit that goes to
+    one side whole: a copy on each side would be scored on what it was trained on.
     """
-    n = len(images)
+    units = _units(images)
+    n = len(units)
     fraction = eval_percentage / 100.0
     target = math.floor(fraction * n + 0.5)
+    distinct = "distinct usable images" if n < len(images) else "usable images"
     if fraction > 0 and target == 0:
         raise InputError(
-            f"{src}: eval_percentage {eval_percentage:g} of {n} usable images leaves no image for "
+            f"{src}: eval_percentage {eval_percentage:g} of {n} {distinct} leaves no image for "
             f"evaluation; raise it to at least {math.ceil(5000 / n) / 100:g}, "
             "or set it to 0 to train without evaluation"
         )
     if target >= n:
         raise InputError(
-            f"{src}: eval_percentage {eval_percentage:g} of {n} usable images leaves no image for "
+            f"{src}: eval_percentage {eval_percentage:g} of {n} {distinct} leaves no image for "
             "training; lower it (20 is usual)"
         )
 
-    images_per_class = Counter(label for image in images for label in set(image.labels))
+    present = [{label for i in unit for label in images[i].labels} for unit in units]
+    images_per_class = Counter(label for labels in present for label in labels)
     order = {name: i for i, name in enumerate(classes)}
     groups: dict[int, list[int]] = {}
-    for i, image in enumerate(images):
-        present = set(image.labels)
+    for u, labels in enumerate(present):
         # Rarest first, ties by class id; background images form their own group at the end.
-        key = min((images_per_class[c], order[c]) for c in present)[1] if present else len(classes)
-        groups.setdefault(key, []).append(i)
+        key = min((images_per_class[c], order[c]) for c in labels)[1] if labels else len(classes)
+        groups.setdefault(key, []).append(u)
 
     rng = np.random.default_rng(seed)
     keys = sorted(groups)
@@ -330,16 +443,25 @@ def split_images(
     for key in keys:
         # Sorting by file first makes the split depend on the seed and the data, not on the order
         # of entries in the annotation file.
-        indices = sorted(groups[key], key=lambda i: images[i].file)
+        indices = sorted(groups[key], key=lambda u: min(images[i].file for i in units[u]))
         members.append([indices[j] for j in rng.permutation(len(indices))])
     quotas = _quotas([len(m) for m in members], fraction, target)
 
     in_eval = set()
     for group, quota in zip(members, quotas):
-        in_eval.update(group[:quota])
+        for u in group[:quota]:
+            in_eval.update(units[u])
     train = [image for i, image in enumerate(images) if i not in in_eval]
     eval_ = [image for i, image in enumerate(images) if i in in_eval]
     return train, eval_
+
+
+def _units(images: list[ImageAnnotation]) -> list[list[int]]:
+    """Indices of ``images``, those with the same bytes together, in order of first appearance."""
+    by_key: dict[object, list[int]] = {}
+    for i, image in enumerate(images):
+        by_key.setdefault(image.extra.get("sha256") or ("no digest", i), []).append(i)
+    return list(by_key.values())
 
 
 def _quotas(sizes: list[int], fraction: float, target: int) -> list[int]:
@@ -383,11 +505,16 @@ def _print_summary(result: SplitResult, fmt: str, src: Path, session: Session) -
     console.info(
         f"split {result.images_used} of {result.images_total} images from {src} ({fmt}): "
         f"{result.n_train} train, {result.n_eval} eval"
+        + (f" (eval set from {result.eval_source})" if result.eval_source else "")
     )
     width = max(len(name) for name in result.classes)
     for name in result.classes:
         console.info(
             f"  {name:<{width}}  {result.train_objects[name]:>6} train  {result.eval_objects[name]:>6} eval objects"
         )
+    if result.identical_copies:
+        where = "kept as given" if result.eval_source else "each set kept on one side of the split"
+        console.info(f"{result.identical_copies} images are byte-identical copies of others ({where})")
+    console.info(f"COCO JSON of the split: {session.train_coco} and {session.eval_coco}")
     if result.problems:
         console.info(f"{result.problems} problems found and handled; details in {session.report_path}")
