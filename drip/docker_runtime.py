@@ -206,17 +206,38 @@ def _arg_in_container(value: str, cwd: str) -> str:
     return value if as_typed == inside else inside
 
 
-def yolo_dataset_folder(value: str, cwd: str) -> str | None:
-    """The folder a YOLO source's images live in, to mount with it: a data.yaml's folder, or
-    the folder above a ``labels`` folder (which holds ``images/`` too). None for other formats."""
+def yolo_dataset_folders(value: str, cwd: str) -> list[str]:
+    """The folders a YOLO source's images live in, to mount with it: a data.yaml's folder and
+    the folders its top-level ``path:``, ``train:``, ``val:`` and ``test:`` lines name outside
+    it, or the folder above a ``labels`` folder (which holds ``images/`` too). Empty for other
+    formats. The yaml is read line by line: the host side has no YAML parser, and one-line
+    values are what data.yaml files hold."""
     lexical, real = _resolve(value, cwd)
-    if os.path.isfile(real) and lexical.lower().endswith((".yaml", ".yml")):
-        return os.path.dirname(lexical)
     parts = Path(lexical).parts
     if os.path.isdir(real) and "labels" in parts[1:]:
         at = len(parts) - 1 - parts[::-1].index("labels")
-        return str(Path(*parts[:at]))
-    return None
+        return [str(Path(*parts[:at]))]
+    if not (os.path.isfile(real) and lexical.lower().endswith((".yaml", ".yml"))):
+        return []
+    here = os.path.dirname(lexical)
+    folders = [here]
+    try:
+        lines = Path(real).read_text(encoding="utf-8-sig", errors="replace").splitlines()
+    except OSError:
+        return folders  # drip itself reports an unreadable yaml
+    for line in lines:
+        match = re.match(r"(path|train|val|test):\s*(.+?)\s*(#.*)?$", line)
+        if not match:
+            continue
+        named = match.group(2).strip("'\"")
+        if not named or named.startswith(("[", "{")):
+            continue
+        target = os.path.normpath(os.path.join(here, os.path.expanduser(named)))
+        if os.path.isfile(target):
+            target = os.path.dirname(target)
+        if os.path.isdir(target) and not _inside(target, here) and target != here:
+            folders.append(target)
+    return folders
 
 
 def _add_mount(mounts: list[Mount], new: Mount) -> None:
@@ -325,8 +346,7 @@ def build_run_spec(command: str, args: argparse.Namespace, image: str, host: Hos
             continue  # drip itself reports a missing input, with the path as typed
         inside = mount(value, mode, create=kind == "output")
         if name in ("src_json_path", "eval_json_path"):
-            dataset = yolo_dataset_folder(value, cwd)
-            if dataset is not None:
+            for dataset in yolo_dataset_folders(value, cwd):
                 mount(dataset, "ro")  # YOLO's images are beside its labels, not in --image_folder_path
         if inside != value or hasattr(args, name):
             rewritten[name] = inside

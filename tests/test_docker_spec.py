@@ -97,6 +97,15 @@ def test_a_yolo_dataset_is_mounted_whole_read_only(project, tmp_path):
     s = spec("infer", ["--src_json_path", str(data / "data.yaml"), "--images_path", str(data / "valid")], project)
     assert mounts(s)[str(data)] == (str(data), "ro")
 
+    # A yaml whose path: is elsewhere (an Ultralytics datasets folder): that folder goes in too.
+    elsewhere = tmp_path / "datasets" / "shapes"
+    (elsewhere / "images" / "train").mkdir(parents=True)
+    yaml = tmp_path / "configs" / "shapes.yaml"
+    yaml.parent.mkdir()
+    yaml.write_text(f"path: '{elsewhere}'  # root\ntrain: images/train\nnames:\n  0: a\n")
+    m = mounts(spec("train", ["--src_json_path", str(yaml)], project))
+    assert m[str(yaml.parent)] == (str(yaml.parent), "ro") and m[str(elsewhere)] == (str(elsewhere), "ro")
+
 
 def test_nothing_else_of_the_host_is_mounted(project):
     s = spec("train", [], project)

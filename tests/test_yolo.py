@@ -242,3 +242,22 @@ def test_exif_rotated_yolo_image_scales_by_its_display_size(ultralytics):
     label.write_text("0 0.5 0.5 0.5 0.5\n")
     got = next(i for i in load_annotations(ultralytics["yaml"], Path(".")).eval.images if i.file == image.file)
     assert (got.width, got.height) == (120, 160) and _close(got.boxes, [[30, 40, 90, 120]])
+
+
+def test_val_naming_the_train_images_falls_back_to_the_random_split(ultralytics, session, config):
+    ultralytics["yaml"].write_text("names: [circle, square, triangle]\ntrain: images/train\nval: images/train\n")
+    result = split.run(session, _with(config, src_json_path=str(ultralytics["yaml"]), eval_percentage=25))
+    assert (result.n_train, result.n_eval, result.eval_source) == (6, 2, None)
+    assert any(n["problem"] == "'val' names the same images as 'train'" for n in _json(session.report_path)["problems"])
+
+
+def test_a_class_only_in_the_given_eval_set_is_warned_of(dataset, tmp_path, session, config, capsys):
+    annotations = dataset["annotations"]
+    for image in annotations[9:]:
+        image.labels = ["star" if label == "circle" else label for label in image.labels]
+    write_drip_json(dataset["metadata"], annotations[:9])
+    given = tmp_path / "eval.json"
+    write_drip_json(given, annotations[9:])
+    result = split.run(session, _with(config, eval_json_path=str(given)))
+    assert "star" in result.classes and result.train_objects["star"] == 0
+    assert "classes 'star' have eval boxes but no training boxes" in capsys.readouterr().err

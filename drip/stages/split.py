@@ -153,6 +153,12 @@ def run(session: Session, config: Config) -> SplitResult:
         across = []
     else:
         train, eval_ = usable
+        untrained = sorted({label for image in eval_ for label in image.labels} - {label for image in train for label in image.labels})
+        if untrained:
+            console.warn(
+                f"{eval_part.source}: classes {', '.join(map(repr, untrained))} have eval boxes but no "
+                "training boxes: the model cannot learn them and scores 0 AP on them; add training images"
+            )
         identical = _identical_sets(train + eval_)
         across = _across(identical, set(map(id, eval_)))
         if across:
