@@ -261,3 +261,41 @@ def test_a_class_only_in_the_given_eval_set_is_warned_of(dataset, tmp_path, sess
     result = split.run(session, _with(config, eval_json_path=str(given)))
     assert "star" in result.classes and result.train_objects["star"] == 0
     assert "classes 'star' have eval boxes but no training boxes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["voc", "yolo labels", "yolo yaml"])
+def test_eval_json_path_takes_every_format(dataset, tmp_path, session, config, fmt):
+    annotations = dataset["annotations"]
+    write_drip_json(dataset["metadata"], annotations[:8])
+    held_out = annotations[8:]
+    if fmt == "voc":
+        given = tmp_path / "voc"
+        given.mkdir()
+        for a in held_out:
+            objects = "".join(
+                f"<object><name>{label}</name><bndbox><xmin>{b[0] + 1:g}</xmin><ymin>{b[1] + 1:g}</ymin>"
+                f"<xmax>{b[2]:g}</xmax><ymax>{b[3]:g}</ymax></bndbox></object>"
+                for b, label in zip(a.boxes, a.labels)
+            )
+            (given / f"{Path(a.file).stem}.xml").write_text(
+                f"<annotation><folder>{Path(a.file).parent}</folder><filename>{Path(a.file).name}</filename>{objects}</annotation>"
+            )
+        expected = {a.file for a in held_out}
+    else:  # a YOLO eval set elsewhere, with its own images
+        root = tmp_path / "yolo eval"
+        for a in held_out:
+            (root / "images").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(dataset["images"] / a.file, root / "images" / Path(a.file).name)
+        flat = [type(a)(file=Path(a.file).name, width=a.width, height=a.height, boxes=a.boxes, labels=a.labels) for a in held_out]
+        write_yolo_labels(root / "labels", flat)
+        (root / "data.yaml").write_text(f"names: {list(CLASSES)}\ntrain: images\n")
+        given = root / "labels" if fmt == "yolo labels" else root / "data.yaml"
+        expected = {a.file for a in flat}
+
+    result = split.run(session, _with(config, eval_json_path=str(given)))
+    assert (result.n_train, result.n_eval, result.eval_source) == (8, 4, str(given))
+    eval_manifest = _json(session.eval_manifest)
+    assert {e["file"] for e in eval_manifest["images"]} == expected
+    for entry in eval_manifest["images"]:
+        truth = next(a for a in held_out if a.file.endswith(entry["file"]))
+        assert _close([o["box"] for o in entry["objects"]], truth.boxes, tol=1.01 if fmt == "voc" else 0.01)
