@@ -458,9 +458,32 @@ class _ModelRun(_Schema):
         low=32,
         high=4096,
     )
+    tile_size: int | None = _opt(
+        None,
+        "Predict images larger than this many pixels tile by tile (tiles overlapping by "
+        "--tile_overlap) and merge the boxes across tiles, so small objects keep their pixels. "
+        "By default the tile size the model was trained with, if any; 0 predicts whole images.",
+        "model",
+        low=0,
+        high=65536,
+    )
+    tile_overlap: float | None = _opt(
+        None,
+        "Overlap of neighbouring tiles, a fraction of a tile. By default the model's (0.2).",
+        "model",
+        low=0.0,
+        below=1.0,
+    )
+    tile_full_pass: bool = _opt(
+        False,
+        "With tiles: also predict the whole image once and merge it in, for objects larger "
+        "than a tile (SAHI's standard prediction). Costs one more pass per image.",
+        "model",
+    )
     batch_size: int = _opt(
         4,
-        "Images per forward pass: larger is faster on a GPU until memory runs out; 1-4 on a CPU.",
+        "Images (or tiles) per forward pass: larger is faster on a GPU until memory runs out; "
+        "1-4 on a CPU.",
         "infer",
         low=1,
         high=1024,

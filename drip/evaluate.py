@@ -344,17 +344,25 @@ def predict(
     image_size: int,
     device: torch.device | str = "cpu",
     batch_size: int = 4,
+    slicing: Any = None,
 ) -> list[ImageDetections]:
     """Run ``model`` (on ``device`` already) on ``(image_id, PIL RGB image)`` pairs.
 
     Inputs are prepared exactly as ``drip infer`` prepares them (longer side ``image_size``);
     detections are in original pixels, every score above ``EVAL_SCORE_FLOOR``, at most the
     model's ``detections_per_img`` (100) per image. ``images`` is consumed lazily, a batch at
-    a time, so a generator keeps only one batch of decoded images in memory.
+    a time, so a generator keeps only one batch of decoded images in memory. With ``slicing``
+    (a ``drip.tiling.Slicing``) each image is predicted tile by tile, ``batch_size`` tiles at
+    a time, and the boxes are merged across tiles, as ``drip infer`` does.
     """
     device = torch.device(device)
     out: list[ImageDetections] = []
     batch: list[tuple[Hashable, Image.Image]] = []
+    if slicing is not None:
+        with evaluation_mode(model, image_size):
+            for image_id, image in images:
+                out.append(predict_sliced(model, image_id, image, int(image_size), device, batch_size, slicing))
+        return out
 
     def flush() -> None:
         results = forward_batch(model, [image for _, image in batch], int(image_size), device, batch_size)
@@ -372,6 +380,25 @@ def predict(
     return out
 
 
+def predict_sliced(
+    model: torch.nn.Module, image_id: Hashable, image: Image.Image, image_size: int, device: torch.device,
+    batch_size: int, slicing: Any,
+) -> ImageDetections:
+    """``image``'s detections predicted tile by tile (``drip.tiling.predict_sliced``), in its pixels.
+
+    The model must be in ``evaluation_mode`` already.
+    """
+    from .tiling import predict_sliced as sliced
+
+    def detect(crops):
+        results = forward_batch(model, crops, image_size, device, batch_size)
+        found = [detections_from_output(None, output, crop.size, shape) for crop, (output, shape) in zip(crops, results)]
+        return [(d.boxes, d.scores, d.labels) for d in found]
+
+    boxes, scores, labels = sliced(image, slicing.tile, slicing.overlap, detect, batch_size, slicing.full_pass)
+    return ImageDetections(image_id, boxes, scores, labels)
+
+
 # -- the training loop: eval TFRecords ----------------------------------------------------------
 def evaluate_records(
     model: torch.nn.Module,
@@ -381,12 +408,14 @@ def evaluate_records(
     batch_size: int,
     image_size: int,
     show_progress: bool = True,
+    slicing: Any = None,
 ) -> Metrics:
     """COCO metrics of ``model`` on the records in ``shard_paths`` (the eval split).
 
     Each record's image is decoded whole (no augmentation, no flip) and goes through
-    ``predict``; its normalized boxes times the decoded width and height are the ground truth
-    in original pixels. The model is left in the mode (train/eval) it came in.
+    ``predict`` (tile by tile with ``slicing``, a model trained on tiles); its normalized
+    boxes times the decoded width and height are the ground truth in original pixels. The
+    model is left in the mode (train/eval) it came in.
     """
     from .tfrecord import decode_example, index_records, iter_records
 
@@ -414,7 +443,9 @@ def evaluate_records(
         total = sum(len(index_records(p)) for p in paths)
         source = progress(source, total=total, desc="evaluate")
     with contextlib.closing(source):  # a generator or a progress bar: both close
-        detections = predict(model, source, image_size=image_size, device=device, batch_size=batch_size)
+        detections = predict(
+            model, source, image_size=image_size, device=device, batch_size=batch_size, slicing=slicing
+        )
     return coco_metrics(truths, detections, classes)
 
 
@@ -548,6 +579,9 @@ def evaluate_annotations(config, session_folder: Path) -> EvaluateResult:
     device = resolve_device(config.device)
     loaded = load_model(model_path, device)
     size = int(config.image_size or loaded.image_size)
+    from .tiling import resolve_slicing
+
+    slicing = resolve_slicing(config.tile_size, config.tile_overlap, config.tile_full_pass, loaded.meta)
     scoring = Scoring(annotations, loaded.classes, str(src))  # before any image: a class mismatch fails fast
     skipped: list[dict[str, str]] = []
     sizes: dict[str, tuple[int, int]] = {}
@@ -565,7 +599,9 @@ def evaluate_annotations(config, session_folder: Path) -> EvaluateResult:
 
     bar = progress(images(), total=len(scoring.by_file), desc="evaluate")
     with contextlib.closing(bar):
-        detections = predict(loaded.model, bar, image_size=size, device=device, batch_size=config.batch_size)
+        detections = predict(
+            loaded.model, bar, image_size=size, device=device, batch_size=config.batch_size, slicing=slicing
+        )
     if not detections:
         raise InputError(
             f"--images_path {images_path}: none of the {len(scoring.by_file)} images in "
@@ -580,6 +616,7 @@ def evaluate_annotations(config, session_folder: Path) -> EvaluateResult:
         model=str(model_path),
         network=loaded.network,
         image_size=size,
+        tiling=slicing.to_json() if slicing else None,
         images_path=str(images_path),
         annotations=str(src),
         annotation_format=annotations.format,

@@ -100,13 +100,18 @@ def export(
 def description(loaded: LoadedModel, image_size: int, output_names: list[str]) -> dict[str, Any]:
     """What an exported model says about itself, as plain JSON-able values."""
     from . import __version__
+    from .tiling import trained_tiling
 
+    tile_size, tile_overlap = trained_tiling(loaded.meta)
     return {
         "format": ONNX_FORMAT,
         "format_version": EXPORT_VERSION,
         "network": loaded.network,
         "classes": list(loaded.classes),
         "image_size": int(image_size),
+        # A model trained on tiles is sliced by default at inference, exported or not.
+        "tile_size": tile_size,
+        "tile_overlap": tile_overlap,
         "score_floor": SCORE_FLOOR,
         "input": INPUT_LAYOUT,
         "output_names": list(output_names),

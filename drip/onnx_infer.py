@@ -46,6 +46,7 @@ from .results import (
     to_detections_np,
     trash_earlier_results,
 )
+from .tiling import predict_sliced, resolve_slicing
 
 ONNX_FORMAT = "drip-onnx"  # drip.export.ONNX_FORMAT; not imported from there: it imports torch
 
@@ -152,17 +153,31 @@ def run(config: InferConfig, session_folder: Path) -> InferResult:
     names = model.classes
     if scoring is not None:
         scoring = scoring(names)
+    slicing = resolve_slicing(config.tile_size, config.tile_overlap, config.tile_full_pass, model.meta)
+
+    def detect(images: Sequence[Image.Image]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Each image's detections in its own pixels (the graph takes one image at a time)."""
+        found = []
+        for image in images:
+            output, shape = predict(model, image, size)
+            boxes, scores, labels = _in_image_pixels(output, image.size, shape)
+            found.append((boxes, scores, labels))
+        return found
 
     def predict_batch(batch: Sequence[tuple[ImageJob, Image.Image]]) -> list[list[dict[str, Any]]]:
         out = []
         for job, image in batch:
-            output, shape = predict(model, image, size)
+            if slicing is not None:
+                boxes, scores, labels = predict_sliced(
+                    image, slicing.tile, slicing.overlap, detect, config.batch_size, slicing.full_pass
+                )
+            else:
+                boxes, scores, labels = detect([image])[0]
             if scoring is not None and scoring.wants(job.rel):
-                scoring.add(job.rel, image.size, _image_detections(job.rel, output, image.size, shape))
+                scoring.add(job.rel, image.size, _image_detections(job.rel, boxes, scores, labels))
             out.append(
                 to_detections_np(
-                    output["boxes"], output["scores"], output["labels"],
-                    size=image.size, resized=shape, threshold=config.threshold, names=names,
+                    boxes, scores, labels, size=image.size, resized=image.size, threshold=config.threshold, names=names,
                 )
             )
         return out
@@ -175,9 +190,10 @@ def run(config: InferConfig, session_folder: Path) -> InferResult:
         "classes": names,
         "threshold": config.threshold,
         "image_size": size,
+        "tiling": slicing.to_json() if slicing else None,
     }
     out_dirs, n_images, n_detections, n_failed = run_groups(
-        groups, results_path, config.batch_size, predict_batch, index
+        groups, results_path, 1 if slicing else config.batch_size, predict_batch, index
     )
     metrics = None
     if scoring is not None:
@@ -207,12 +223,18 @@ def _scoring(config: InferConfig):
     return lambda names: Scoring(annotations, names, str(config.src_json_path))
 
 
-def _image_detections(rel: str, output: dict[str, np.ndarray], size: tuple[int, int], shape: tuple[int, int]):
-    """``drip.evaluate.detections_from_output`` for NumPy outputs."""
-    from .evaluate import ImageDetections
-
+def _in_image_pixels(output: dict[str, np.ndarray], size: tuple[int, int], shape: tuple[int, int]):
+    """The graph's output for the ``shape`` input -> (boxes, scores, labels) in pixels of the
+    ``size`` image, boxes with nothing left inside it dropped (as ``drip.evaluate`` does)."""
     boxes = scale_boxes_np(output["boxes"], size, shape)
     scores = np.asarray(output["scores"], dtype=np.float32).reshape(-1)
     labels = np.asarray(output["labels"]).reshape(-1)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return ImageDetections(rel, boxes[keep], scores[keep], labels[keep])
+    return boxes[keep], scores[keep], labels[keep]
+
+
+def _image_detections(rel: str, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray):
+    """``drip.evaluate.ImageDetections`` of detections already in the image's pixels."""
+    from .evaluate import ImageDetections
+
+    return ImageDetections(rel, boxes, scores, labels)

@@ -25,9 +25,11 @@ The rules, in one place:
   through per-class non-maximum suppression at IoU ``MERGE_IOU``. A seam object is seen whole
   by one tile and as a fragment by its neighbour; the fragment lies inside the whole box, so
   their IoU is the fragment's visible fraction, which training kept at ``MIN_VISIBLE`` or more,
-  and the lower-scored of the two goes. Objects larger than the overlap can come out as two
-  pieces: raise ``--tile_overlap`` until the overlap is at least the largest object, or add
-  the whole-image pass.
+  and one of them goes: the one the tile cut (its box touches a tile border inside the image),
+  whatever the scores, since the other box is the whole object; between two boxes alike in
+  that, the lower-scored. Objects larger than the overlap can come out as two pieces: raise
+  ``--tile_overlap`` until the overlap is at least the largest object, or add the whole-image
+  pass.
 
 The merge is OpenCV's ``cv2.dnn.NMSBoxesBatched`` (per-class NMS, NumPy in and out), not
 torchvision's ``batched_nms`` nor SAHI's: ONNX inference must run without PyTorch, and one merge
@@ -177,6 +179,50 @@ def pick_tiles(
 
 
 # -- sliced prediction ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Slicing:
+    """How ``drip infer`` and ``drip evaluate`` cut images: tiles, overlap, whole-image pass."""
+
+    tile: int
+    overlap: float = DEFAULT_OVERLAP
+    full_pass: bool = False
+
+    def to_json(self) -> dict:
+        return {"tile_size": self.tile, "tile_overlap": self.overlap, "full_pass": self.full_pass}
+
+
+def trained_tiling(meta: dict) -> tuple[int | None, float | None]:
+    """The tile size and overlap a model was trained with, from its file's metadata.
+
+    A Drip model file keeps its training config (``meta["config"]``); an export copies the two
+    values to the top level.
+    """
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    tile = meta.get("tile_size", config.get("tile_size"))
+    overlap = meta.get("tile_overlap", config.get("tile_overlap"))
+    return (int(tile) if tile else None), (float(overlap) if overlap is not None else None)
+
+
+def training_slicing(config) -> Slicing | None:
+    """How evaluation during training slices the (whole) eval images: as inference will."""
+    return Slicing(int(config.tile_size), float(config.tile_overlap)) if config.tile_size else None
+
+
+def resolve_slicing(tile_size: int | None, overlap: float | None, full_pass: bool, meta: dict) -> Slicing | None:
+    """What to slice by: the flags where given, else the model's training tiles; None = whole images.
+
+    ``tile_size`` 0 turns slicing off for a model trained on tiles.
+    """
+    trained_tile, trained_overlap = trained_tiling(meta)
+    tile = trained_tile if tile_size is None else tile_size
+    check_tiling(tile, overlap)
+    if not tile:
+        return None
+    if overlap is None:
+        overlap = trained_overlap if trained_overlap is not None else DEFAULT_OVERLAP
+    return Slicing(int(tile), float(overlap), bool(full_pass))
+
+
 # Detections of a list of images, each (boxes [N, 4] xyxy in that image's pixels, scores [N],
 # labels [N]): what a runtime (PyTorch or ONNX) provides to ``predict_sliced``.
 Detect = Callable[[Sequence[Image.Image]], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
@@ -201,21 +247,34 @@ def predict_sliced(
     width, height = image.size
     if not needs_tiling(width, height, tile):
         return _as_arrays(detect([image])[0])
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     windows = tile_grid(width, height, tile, overlap)
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         crops = [image.crop(window) for window in batch]
-        for (x0, y0, _, _), found in zip(batch, detect(crops)):
+        for window, found in zip(batch, detect(crops)):
             boxes, scores, labels = _as_arrays(found)
-            parts.append((boxes + np.array([x0, y0, x0, y0], dtype=np.float64), scores, labels))
+            x0, y0 = window[:2]
+            boxes = boxes + np.array([x0, y0, x0, y0], dtype=np.float64)
+            parts.append((boxes, scores, labels, cut_by_tile(boxes, window, width, height)))
     if full_pass:
-        parts.append(_as_arrays(detect([image])[0]))
-    boxes = np.concatenate([p[0] for p in parts])
-    scores = np.concatenate([p[1] for p in parts])
-    labels = np.concatenate([p[2] for p in parts])
-    keep = merge(boxes, scores, labels, merge_iou)
+        boxes, scores, labels = _as_arrays(detect([image])[0])
+        parts.append((boxes, scores, labels, np.zeros(len(boxes), dtype=bool)))
+    boxes, scores, labels, cut = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    keep = merge(boxes, scores, labels, merge_iou, cut)
     return boxes[keep], scores[keep], labels[keep]
+
+
+def cut_by_tile(boxes: np.ndarray, window: Window, width: int, height: int, margin: float = 1.0) -> np.ndarray:
+    """Which boxes (image pixels) touch a border of ``window`` that is inside the image: the
+    tile saw only part of those objects."""
+    x0, y0, x1, y1 = window
+    return (
+        ((x0 > 0) & (boxes[:, 0] <= x0 + margin))
+        | ((y0 > 0) & (boxes[:, 1] <= y0 + margin))
+        | ((x1 < width) & (boxes[:, 2] >= x1 - margin))
+        | ((y1 < height) & (boxes[:, 3] >= y1 - margin))
+    )
 
 
 def _as_arrays(found) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -227,18 +286,26 @@ def _as_arrays(found) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float = MERGE_IOU) -> np.ndarray:
-    """Indices of the detections kept by per-class NMS at ``iou``, best score first."""
+def merge(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float = MERGE_IOU, cut: np.ndarray | None = None
+) -> np.ndarray:
+    """Indices of the detections kept by per-class NMS at ``iou``, best score first.
+
+    ``cut`` marks boxes a tile saw only part of (``cut_by_tile``): where one overlaps a box
+    seen whole, the whole one is kept whatever the scores, since its box is the object's.
+    """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
     import cv2
 
+    priority = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if cut is not None:
+        priority = priority - np.asarray(cut, dtype=np.float64)  # scores are in [0, 1]
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-    # A score threshold of -1 keeps every box (OpenCV drops scores not above it).
+    # A score threshold below every priority keeps every box (OpenCV drops those not above it).
     keep = cv2.dnn.NMSBoxesBatched(
-        xywh.tolist(), np.asarray(scores, dtype=np.float32).tolist(),
-        np.asarray(labels).astype(np.int32).tolist(), -1.0, float(iou),
+        xywh.tolist(), priority.tolist(), np.asarray(labels).astype(np.int32).tolist(), -2.0, float(iou),
     )
     keep = np.asarray(keep, dtype=np.int64).reshape(-1)
     order = np.argsort(-np.asarray(scores, dtype=np.float64)[keep], kind="stable")

@@ -4,6 +4,7 @@ tiles are few, sliced prediction maps boxes back and a seam object comes out as 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +139,9 @@ def test_merge_keeps_one_box_per_object_and_class():
     # The fragment (IoU 0.6) goes; the same box of another class and the far box stay.
     assert keep.tolist() == [0, 2, 3]
     assert tiling.merge(np.zeros((0, 4)), np.zeros(0), np.zeros(0)).tolist() == []
+    # A box a tile cut loses to the whole one even when it scores higher.
+    keep = tiling.merge(boxes[:2], np.array([0.5, 0.9], np.float32), labels[:2], cut=np.array([False, True]))
+    assert keep.tolist() == [0]
 
 
 def _square_finder(image):
@@ -280,3 +284,100 @@ def test_tile_larger_than_every_image_keeps_them_whole(tmp_path, large_dataset, 
     train = read_json(session.train_manifest)
     assert not any(".tile_" in e["file"] for e in train["images"])
     assert read_json(session.report_path)["tiling"]["images_whole"] == len(train["images"])
+
+
+# -- sliced inference ---------------------------------------------------------------------------
+def test_infer_slices_by_the_models_tiles_and_maps_boxes_back(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from drip.config import InferConfig
+    from drip.stages import infer
+    from test_infer import BrightSpotDetector
+
+    class Seen(BrightSpotDetector):
+        seen: list = []
+
+        def forward(self, images):
+            self.seen.append([tuple(im.shape[-2:]) for im in images])
+            return super().forward(images)
+
+    images = tmp_path / "in"
+    (images / "g").mkdir(parents=True)
+    picture = Image.new("RGB", (240, 100))
+    picture.paste((255, 255, 255), (90, 40, 110, 60))  # across the seam of the first two tiles
+    picture.save(images / "g" / "wide.png")
+    detector = Seen()
+    # A model trained on 100 px tiles with 0.3 overlap: slicing is its default.
+    loaded = SimpleNamespace(model=detector, classes=("spot",), image_size=100, network="scripted",
+                             meta={"config": {"tile_size": 100, "tile_overlap": 0.3}})
+
+    def run(out, **values):
+        config = InferConfig().updated(
+            {"images_path": str(images), "results_path": str(out), "device": "cpu", "batch_size": 2, **values}, "test"
+        )
+        detector.seen.clear()
+        infer.run_loaded(config, loaded, Path("m.pt"))
+        return json.loads((out / "g" / "wide.json").read_text()), json.loads((out / "g" / "detections.json").read_text())
+
+    record, index = run(tmp_path / "sliced")
+    assert detector.seen == [[(100, 100), (100, 100)], [(100, 100)]]  # three tiles, two per pass
+    assert [d["box"] for d in record["detections"]] == [[90, 40, 110, 60]]  # one box, image pixels
+    assert (record["width"], record["height"]) == (240, 100)
+    assert index["tiling"] == {"tile_size": 100, "tile_overlap": 0.3, "full_pass": False}
+    with Image.open(tmp_path / "sliced" / "g" / "wide.jpg") as drawn:
+        assert drawn.size == (240, 100)
+
+    record, index = run(tmp_path / "whole", tile_size=0)
+    assert detector.seen == [[(42, 100)]] and index["tiling"] is None  # resized whole: 240 -> 100
+    record, index = run(tmp_path / "full", tile_full_pass=True)
+    assert detector.seen[-1] == [(42, 100)] and len(record["detections"]) == 1
+
+
+def test_infer_refuses_a_tile_below_the_minimum(tmp_path):
+    from drip.config import InferConfig
+    from drip.tiling import resolve_slicing
+
+    assert InferConfig().updated({"tile_size": 16}, "test").tile_size == 16  # 1..31 pass the schema
+    with pytest.raises(ConfigError, match="at least 32"):
+        resolve_slicing(16, None, False, {})
+    assert resolve_slicing(None, None, False, {}) is None
+    assert resolve_slicing(None, None, False, {"tile_size": 64, "tile_overlap": 0.1}) == tiling.Slicing(64, 0.1)
+    assert resolve_slicing(0, None, False, {"config": {"tile_size": 64}}) is None
+
+
+@pytest.mark.slow  # the ONNX export takes about a minute on 2 cores
+def test_onnx_slices_like_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import json
+
+    from drip import models, onnx_infer
+    from drip.config import InferConfig
+    from drip.export import export
+    from drip.stages import infer
+    from drip.synthetic import draw_scene
+    from test_export import CLASSES, NETWORK, SIZE, untrained_but_lively, unmatched
+
+    path = tmp_path / "tiled model" / "model.pt"
+    models.export_model(path, untrained_but_lively(NETWORK), NETWORK, list(CLASSES), SIZE,
+                        {"tile_size": 96, "tile_overlap": 0.25}, {})
+    onnx_path = export(path, "onnx")
+    images = tmp_path / "images"
+    (images / "g").mkdir(parents=True)
+    draw_scene(np.random.default_rng(5), 300, 200)[0].save(images / "g" / "big.jpg")
+
+    def config(out, model):
+        return InferConfig().updated(
+            {"images_path": str(images), "results_path": str(out), "model": str(model), "device": "cpu",
+             "threshold": 20.0, "batch_size": 1},
+            "test",
+        )
+
+    torch_result = infer.run(config(tmp_path / "torch", path), tmp_path)
+    onnx_result = onnx_infer.run(config(tmp_path / "onnx", onnx_path), tmp_path)
+    theirs = json.loads((torch_result.groups["g"] / "big.json").read_text())["detections"]
+    ours = json.loads((onnx_result.groups["g"] / "big.json").read_text())["detections"]
+    index = json.loads((onnx_result.groups["g"] / "detections.json").read_text())
+    assert index["tiling"] == {"tile_size": 96, "tile_overlap": 0.25, "full_pass": False}
+    assert len(theirs) >= 3
+    assert not unmatched(theirs, ours) and not unmatched(ours, theirs)

@@ -78,6 +78,7 @@ from ..results import (  # noqa: F401
     trash_earlier_results,
 )
 from ..session import Session, write_json
+from ..tiling import Slicing, resolve_slicing
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -118,6 +119,7 @@ def run_loaded(
         raise ModelError(f"{model_path}: the model does not record its image size; pass --image_size")
     size = int(size)
     names = list(getattr(loaded.classes, "names", loaded.classes))
+    slicing = resolve_slicing(config.tile_size, config.tile_overlap, config.tile_full_pass, getattr(loaded, "meta", {}))
     model = loaded.model.eval()
     _fit_model_input(model, size)
     device = torch.device(device)
@@ -137,14 +139,16 @@ def run_loaded(
         "classes": names,
         "threshold": config.threshold,
         "image_size": size,
+        "tiling": slicing.to_json() if slicing else None,
     }
 
     def predict(batch: Sequence[tuple[ImageJob, Image.Image]]) -> list[list[dict[str, Any]]]:
-        return _predict_batch(model, batch, size, device, names, config.threshold, config.batch_size, scoring)
+        return _predict_batch(model, batch, size, device, names, config.threshold, config.batch_size, scoring, slicing)
 
     with _score_floor(model, scoring, config.threshold):
+        # Sliced, one image is decoded at a time and its tiles make the batches.
         out_dirs, n_images, n_detections, n_failed = run_groups(
-            groups, results_path, config.batch_size, predict, index
+            groups, results_path, 1 if slicing else config.batch_size, predict, index
         )
 
     metrics = _write_scores(scoring, results_path, config, model_path, loaded, size) if scoring else None
@@ -277,8 +281,22 @@ def _predict_batch(
     threshold: float,
     batch_size: int,
     scoring: Any = None,
+    slicing: Slicing | None = None,
 ) -> list[list[dict[str, Any]]]:
     """The detection records of each image of ``batch`` (and each fed to ``scoring``)."""
+    if slicing is not None:
+        from ..evaluate import predict_sliced
+
+        out = []
+        for job, image in batch:
+            found = predict_sliced(model, job.rel, image, size, device, batch_size, slicing)
+            if scoring is not None and scoring.wants(job.rel):
+                scoring.add(job.rel, image.size, found)
+            out.append(to_detections_np(
+                found.boxes, found.scores, found.labels,
+                size=image.size, resized=image.size, threshold=threshold, names=names,
+            ))
+        return out
     results = forward_batch(model, [image for _, image in batch], size, device, batch_size)
     out = []
     for (job, image), (output, shape) in zip(batch, results):

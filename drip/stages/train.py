@@ -53,6 +53,7 @@ from torch import nn
 
 from .. import console, models
 from ..evaluate import evaluate_records, predict, summary_lines
+from ..tiling import training_slicing
 from ..config import Config
 from ..data import RecordDataset, StepBatchSampler, collate
 from ..errors import Interrupted, SessionError
@@ -411,6 +412,7 @@ class _Loop:
         with torch.random.fork_rng(devices=_cuda_indices(self.device)):
             metrics = evaluate_records(
                 model, self.eval_shards, self.classes, self.device, self.config.batch_size, self.config.image_size,
+                slicing=training_slicing(self.config),  # a model trained on tiles: whole images, sliced
             )
             self._log_predictions(writer, model, step)
         _log_metrics(writer, metrics, step)
