@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCH_HOME", str(ROOT / ".pytest_cache" / "torch"))  # never a shared cache
 
+# Hypothesis keeps its example database (and caches) in ./.hypothesis by default: in the working
+# tree. Under .pytest_cache/ it stays with pytest's own cache, which git ignores.
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+set_hypothesis_home_dir(ROOT / ".pytest_cache" / "hypothesis")
+
 from drip.config import Config  # noqa: E402
 from drip.session import Session  # noqa: E402
 from drip.synthetic import make_dataset, write_drip_json  # noqa: E402

@@ -219,7 +219,7 @@ HOSTILE = {
     "dot-dot": ([("../evil.pt", None)], "points outside the archive"),
     "deep dot-dot": ([("models/../../../evil.pt", None)], "points outside the archive"),
     "backslash dot-dot": (["..\\..\\evil.pt"], "points outside the archive"),
-    "absolute": ([("/tmp/drip-evil/evil.pt", None)], "absolute path"),
+    "absolute": ([("{outside}/evil.pt", None)], "absolute path"),  # {outside}: a folder of this test's own
     "drive": ([("C:/evil.pt", None)], "absolute path"),
     "symlink": ([("model.pt", stat.S_IFLNK | 0o777)], "symbolic link"),
     "symlink folder": ([("up", stat.S_IFLNK | 0o777), ("model.pt", None)], "symbolic link"),
@@ -240,6 +240,7 @@ def test_hostile_archive_member_refuses_the_archive_and_writes_nothing(tmp_path,
         zf.writestr("good/model.pt", payload)  # a good model file too: the archive is refused whole
         for member in members:
             name, mode = member if isinstance(member, tuple) else (member, None)
+            name = name.format(outside=tmp_path / "outside")
             zf.writestr(_member(name, mode), "../../outside" if mode and stat.S_ISLNK(mode) else payload)
     before = files_under(tmp_path)
     cache = tmp_path / "session" / "cache"
@@ -250,7 +251,7 @@ def test_hostile_archive_member_refuses_the_archive_and_writes_nothing(tmp_path,
             models.build_model(NETWORK, 4, str(archive), 64, cache)
     assert str(err.value).startswith(f"{flag} {archive}") and "\n" not in str(err.value)
     assert files_under(tmp_path) == before  # nothing written, not even in the cache
-    assert not Path("/tmp/drip-evil").exists()
+    assert not (tmp_path / "outside").exists()
 
 
 def test_archive_limits(tmp_path, monkeypatch):

@@ -228,3 +228,145 @@ def test_label_map_parse_returns_a_usable_map_or_raises_drip_error(text):
 def test_label_map_text_round_trips_any_names(names):
     label_map = LabelMap.from_names(names)
     assert LabelMap.parse(label_map.to_text()) == label_map
+
+
+# -- valid inputs: each must parse, and give back exactly what was written ---------------------------
+# The tests above accept any DripError, so a parser that refused everything would pass them. These
+# write well-formed files in each format the way annotation tools do, and compare what comes back.
+label_text = st.text(
+    alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FFF, exclude_categories=("Cs", "Cc", "Zl", "Zp")),
+    min_size=1, max_size=8,
+).map(str.strip).filter(bool)
+# Inner spaces only: VOC's XML text is read stripped, as every VOC reader does.
+segment = st.text(alphabet="abcxyz_-09 äö", min_size=1, max_size=6).filter(lambda s: s.strip() == s)
+file_names = st.lists(segment, min_size=1, max_size=3).map(lambda parts: "/".join(parts) + ".jpg")
+# Whole pixels, as most tools write, and eighths: exact in binary and in JSON's 3-decimal round trip.
+coordinate = st.integers(0, 4000) | st.integers(0, 32000).map(lambda v: v / 8)
+size = st.none() | st.integers(1, 5000)
+
+
+@st.composite
+def valid_dataset(draw):
+    """Images with sizes, boxes [x0, y0, x1, y1] (x0 < x1, y0 < y1) and class names."""
+    classes = draw(st.lists(label_text, min_size=1, max_size=4, unique=True))
+    images = []
+    for _ in range(draw(st.integers(1, 4))):
+        width = draw(size)
+        objects = []
+        for _ in range(draw(st.integers(0, 3))):
+            x0, y0 = draw(coordinate), draw(coordinate)
+            w, h = draw(st.integers(1, 500)), draw(st.integers(1, 500))
+            objects.append((draw(st.sampled_from(classes)), [x0, y0, x0 + w, y0 + h]))
+        images.append({"file": draw(file_names), "width": width, "height": None if width is None else draw(st.integers(1, 5000)),
+                       "objects": objects})
+    return images
+
+
+def _seen_order(images) -> list[str]:
+    return list(dict.fromkeys(label for image in images for label, _ in image["objects"]))
+
+
+def _assert_same(result, images, boxes_of) -> None:
+    assert [i.file for i in result.images] == [i["file"] for i in images]
+    assert [(i.width, i.height) for i in result.images] == [(i["width"], i["height"]) for i in images]
+    for got, want in zip(result.images, images):
+        assert got.labels == [label for label, _ in want["objects"]]
+        assert got.boxes == [boxes_of(box) for _, box in want["objects"]]
+        assert all(isinstance(v, float) for box in got.boxes for v in box)
+
+
+@FAST
+@given(valid_dataset())
+def test_valid_drip_json_parses_to_what_was_written_and_round_trips(root, images):
+    data = {"images": [
+        {"file": i["file"], **({"width": i["width"], "height": i["height"]} if i["width"] else {}),
+         "objects": [{"label": label, "box": box} for label, box in i["objects"]]}
+        for i in images
+    ]}
+    path = root.parent / "valid.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    result = load_annotations(path, root)
+    assert result.format == "drip" and result.classes == _seen_order(images)
+    _assert_same(result, images, lambda box: [float(v) for v in box])
+    # What the split writes (to_json) reads back to the same entries.
+    again = read_drip_json({"images": [i.to_json() for i in result.images]}, "again")
+    assert again == result.images
+
+
+@FAST
+@given(valid_dataset(), st.lists(st.integers(1, 1000), min_size=4, max_size=4, unique=True))
+def test_valid_coco_parses_to_what_was_written(root, images, category_ids):
+    names = list(dict.fromkeys(label for i in images for label, _ in i["objects"])) or ["unused"]
+    ids = dict(zip(names, category_ids))
+    coco_images, annotations = [], []
+    for n, image in enumerate(images, start=7):
+        coco_images.append({"id": n, "file_name": image["file"], "width": image["width"] or 0, "height": image["height"] or 0})
+        for label, (x0, y0, x1, y1) in image["objects"]:
+            annotations.append({"id": len(annotations) + 1, "image_id": n, "category_id": ids[label],
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
+    categories = [{"id": cid, "name": name} for name, cid in reversed(list(ids.items()))]  # file order is not id order
+    path = root.parent / "valid coco.json"
+    path.write_text(json.dumps({"images": coco_images, "annotations": annotations, "categories": categories}), encoding="utf-8")
+    result = load_annotations(path, root)
+    assert result.format == "coco"
+    assert result.classes == sorted(names, key=ids.get)  # in category id order
+    assert result.coco_category_ids == ids
+    _assert_same(result, images, lambda box: [float(box[0]), float(box[1]), float(box[0]) + float(box[2] - box[0]),
+                                              float(box[1]) + float(box[3] - box[1])])
+    assert [i.extra["coco_image_id"] for i in result.images] == list(range(7, 7 + len(images)))
+
+
+@FAST
+@given(valid_dataset())
+def test_valid_voc_folder_parses_to_what_was_written(images):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        image_root, folder = Path(tmp) / "images", Path(tmp) / "voc"
+        folder.mkdir()
+        for n, image in enumerate(images):
+            sub, _, name = image["file"].rpartition("/")
+            (image_root / sub).mkdir(parents=True, exist_ok=True)
+            (image_root / image["file"]).touch()  # looked up by name, never decoded
+            size = f"<size><width>{image['width']}</width><height>{image['height']}</height><depth>3</depth></size>" if image["width"] else ""
+            objects = "".join(
+                f"<object><name>{escape(label)}</name><bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin>"
+                f"<xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
+                for label, box in image["objects"]
+            )
+            (folder / f"{n:03d}.xml").write_text(
+                f"<annotation><folder>{escape(sub)}</folder><filename>{escape(name)}</filename>{size}{objects}</annotation>",
+                encoding="utf-8",
+            )
+        result = load_annotations(folder, image_root)
+    assert result.format == "voc" and result.classes == _seen_order(images)
+    # VOC counts pixels from 1 with inclusive ends: the start moves by one, the end stays.
+    _assert_same(result, images, lambda box: [box[0] - 1.0, box[1] - 1.0, float(box[2]), float(box[3])])
+
+
+@st.composite
+def valid_label_map(draw):
+    """Label-map text as TF's tools and people write it: any id order, comments, both quotes."""
+    names = draw(st.lists(st.text(min_size=1, max_size=10).filter(str.strip), min_size=1, max_size=5, unique=True))
+    order = draw(st.permutations(range(len(names))))
+    blocks = []
+    for index in order:
+        name = names[index]
+        quote = draw(st.sampled_from(["'", '"']))
+        escaped = name.replace("\\", "\\\\").replace(quote, "\\" + quote).replace("\n", "\\n").replace("\r", "\\r")
+        fields = [f"id: {index + 1}", f"name: {quote}{escaped}{quote}"]
+        if draw(st.booleans()):
+            fields.append(f"display_name: {quote}{escaped}{quote}")
+        fields = draw(st.permutations(fields))
+        gap = draw(st.sampled_from([" ", "\n  ", "\n"]))
+        comment = draw(st.sampled_from(["", "# a class\n"]))
+        blocks.append(f"{comment}item {{{gap}{gap.join(fields)}{gap}}}")
+    return "\n".join(blocks), tuple(names)
+
+
+@FAST
+@given(valid_label_map())
+@example(("item { id: 1 name: 'it\\'s' }", ("it's",)))
+def test_valid_label_map_parses_to_its_names_in_id_order(case):
+    text, names = case
+    assert LabelMap.parse(text, "class_map.pbtxt").names == names
