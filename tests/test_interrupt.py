@@ -42,7 +42,8 @@ pytestmark = pytest.mark.slow
 class Child:
     """``python -m drip.cli ...`` in its own process; its stderr collected as it comes."""
 
-    def __init__(self, *args: str, wrapper: Path | None = None, file_size_limit_kib: int | None = None):
+    def __init__(self, *args: str, wrapper: Path | None = None, file_size_limit_kib: int | None = None,
+                 own_group: bool = False):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # deterministic, and lean
         head = [sys.executable, str(wrapper)] if wrapper else [sys.executable, "-m", "drip.cli"]
         if file_size_limit_kib is not None:
@@ -51,6 +52,7 @@ class Child:
             head = ["bash", "-c", f'ulimit -f {file_size_limit_kib} && exec "$@"', "drip", *head]
         self.proc = subprocess.Popen(
             [*head, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=own_group,  # a process group of its own, as a job under systemd or Slurm
         )
         self._chunks: list[bytes] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -257,16 +259,21 @@ def test_disk_full_while_saving_is_one_clear_line_and_keeps_the_checkpoint(prepa
 
 
 def test_disk_full_in_process_is_a_session_error(tmp_path):
-    """The same error path for ENOSPC: a real full file system (a 1 MiB tmpfs), when root may mount one."""
+    """The same error path for ENOSPC: a real full file system (a 1 MiB tmpfs), when root may mount one.
+
+    CI runs the suite as root, so this runs there. Elsewhere it skips: mounting needs root (or
+    CAP_SYS_ADMIN), and the ``ulimit -f`` test above covers the same error path without it.
+    """
     from drip import models
     from drip.errors import SessionError
 
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        pytest.skip("a real full disk needs a tmpfs mount, which needs root (CI runs as root); "
+                    "test_disk_full_while_saving covers the same path with ulimit -f")
     mount = tmp_path / "small disk"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=False, capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
+        pytest.skip("root, but mounting a tmpfs is not allowed here (a container without CAP_SYS_ADMIN)")
     try:
         models.save_atomic({"w": torch.zeros(1000)}, mount / "old.pt")
         with pytest.raises(SessionError, match=r"could not save .*big.pt: the disk is full .*No space left on device"):
@@ -293,6 +300,50 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(prepared, tmp_path):
     assert Path(match.group(2)) == session / "dl" / "checkpoints" / f"step-{step:07d}.pt"
     assert checkpoint(Path(match.group(2)))["step"] == step
     assert not (session / "dl" / "model.pt").exists()
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """State, parent and the rest of /proc/PID/stat after the command name; None once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def children_of(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``."""
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and (f := _stat(p.name)) and int(f[1]) == pid and f[0] not in ("Z", "X")]
+
+
+def test_sigterm_to_the_whole_process_group_saves_a_checkpoint(prepared, tmp_path):
+    """systemd, Slurm (scancel, preemption) and ``kill -TERM -- -PGID`` signal every process of the
+    job, the DataLoader workers included: they must keep serving while the trainer saves."""
+    session = fresh(prepared, tmp_path)
+    child = Child(*train_args(session, "--number_of_steps", "5000", "--checkpoint_every", "3", "--num_workers", "2"),
+                  own_group=True)
+    first = session / "dl" / "checkpoints" / "step-0000003.pt"
+    child.wait_until(first.exists, "the first checkpoint")  # the workers have served batches by now
+    child.wait_until(lambda: len(children_of(child.proc.pid)) >= 2, "the two DataLoader workers")
+    workers = children_of(child.proc.pid)
+    os.killpg(child.proc.pid, signal.SIGTERM)
+    assert child.finish() == 130, child.stderr[-3000:]
+    assert "DataLoader worker" not in child.stderr, child.stderr[-3000:]
+    line = last_line(child)
+    match = re.fullmatch(r"drip: error: stopped at step (\d+); checkpoint saved to (.+); resume with --resume_training", line)
+    assert match, line
+    step = int(match.group(1))
+    assert 3 <= step < 5000 and steps_in(session)[-1] == step
+    assert checkpoint(Path(match.group(2)))["step"] == step
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the DataLoader workers outlived the trainer"
+        time.sleep(0.1)
 
 
 # -- changed data ------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ class _Loop:
             num_workers=workers,
             collate_fn=collate,
             pin_memory=device.type == "cuda",
-            worker_init_fn=_ignore_sigint if workers > 0 else None,
+            worker_init_fn=_ignore_stop_signals if workers > 0 else None,
             # Its own generator: the loader's worker seeds must not draw from the training RNG.
             generator=torch.Generator().manual_seed(config.seed),
         )
@@ -883,10 +883,13 @@ def _num_workers(requested: int) -> int:
     return 0 if available <= 1 else min(8, available)
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C reaches every process of the terminal's group; the workers must keep serving
-    # batches while the main process finishes its step and saves.
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group, and systemd, Slurm (scancel,
+    # preemption) and `kill -TERM -- -PGID` send SIGTERM to every process of the job: the workers
+    # must keep serving batches while the main process finishes its step and saves. A worker
+    # killed by SIGTERM would crash the trainer instead ("DataLoader worker ... is killed").
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _summary_writer(logs_dir: Path, start_step: int):
