@@ -108,19 +108,24 @@ def test_train_resume_edit_resume_infer(data, tmp_path):
     assert checkpoint_steps(session)[-1] == 5
     assert "step 3" in out.stderr
 
-    # Edit pipeline.config by hand, resume again: the edits take effect.
+    # Edit pipeline.config by hand, resume again: the edits take effect. A constant schedule with
+    # no warmup makes step 6 run at exactly the edited rate; unedited, it would run at about 3e-6
+    # (step 5 of a 100-step warmup), and with only the rate or only the schedule edited at neither.
     config = dl / "pipeline.config"
     text = config.read_text()
-    text = re.sub(r"^number_of_steps: .*$", "number_of_steps: 6", text, flags=re.M)
-    text = re.sub(r"^learning_rate: .*$", "learning_rate: 0.0005", text, flags=re.M)
+    for key, value in (("number_of_steps", "6"), ("learning_rate", "0.000777"), ("lr_schedule", "constant"),
+                       ("warmup_steps", "0")):
+        text, edits = re.subn(rf"^{key}: .*$", f"{key}: {value}", text, flags=re.M)
+        assert edits == 1, key
     config.write_text(text)
     starter("training_starter.py", "--runtime", "local", "--session_folder", str(session), "--resume_training")
     assert checkpoint_steps(session)[-1] == 6
-    assert "learning_rate: 0.0005" in config.read_text()
+    assert "learning_rate: 0.000777" in config.read_text()
     events = EventAccumulator(str(dl / "logs"))
     events.Reload()
     lr = events.Scalars("lr")
-    assert lr[-1].step == 6 and lr[-1].value <= 0.0005 + 1e-9
+    assert lr[-1].step == 6 and lr[-1].value == pytest.approx(0.000777, rel=1e-6)
+    assert lr[-2].step == 5 and lr[-2].value < 1e-4  # step 5 ran before the edit, still warming up
     assert {"loss/total", "throughput/images_per_sec"} <= set(events.Tags()["scalars"])
 
     # A typo in the edited file: one line naming the file, the key and the likely fix.
