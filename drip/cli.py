@@ -9,6 +9,7 @@ top: ``--help`` answers at once, and the host-side starters reuse these parsers.
     drip infer   [flags]            run a trained model on a folder of folders of images
     drip evaluate [flags]           COCO metrics of a model on an annotated set of images
     drip export  [flags]            a trained model as ONNX or TorchScript, self-describing
+    drip report  [flags]            a session's pictures and index.html, drawn again
     drip stage NAME [flags]         run one stage alone on an existing session
     drip networks                   list the detectors Drip can train
     drip doctor                     check the Docker engine, GPUs, disk and shared memory
@@ -22,7 +23,7 @@ import difflib
 import sys
 from pathlib import Path
 
-from .config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig
+from .config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig
 from .errors import DripError
 
 DEFAULT_SESSION_FOLDER = "pipeline/"
@@ -186,6 +187,16 @@ EXPORT_DESCRIPTION = (
 )
 
 
+REPORT_DESCRIPTION = (
+    "Draw a session's report again into SESSION_FOLDER/dl/report/ (training writes it at the\n"
+    "end): training curves, precision-recall curves, a confusion matrix, the dataset, eval\n"
+    "images with predictions beside the ground truth, and index.html showing them all with the\n"
+    "run's config and metrics. An earlier report is moved to SESSION_FOLDER/trash/.\n\n"
+    "Example:\n"
+    "  %(prog)s --session_folder pipeline/ --threshold 40"
+)
+
+
 def new_parser(prog: str | None = None, description: str | None = None) -> Parser:
     return Parser(prog=prog, description=description, formatter_class=_formatter, allow_abbrev=False)
 
@@ -262,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write a trained detector as ONNX or TorchScript",
         description=EXPORT_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
     ))
+    report = sub.add_parser(
+        "report", help="draw a session's report (pictures and index.html) again",
+        description=REPORT_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
+    )
+    report.add_argument(
+        "--session_folder", default=DEFAULT_SESSION_FOLDER, metavar="PATH",
+        help=f"The session to report on: its dl/ folder (default: {DEFAULT_SESSION_FOLDER})",
+    )
+    add_schema_flags(report, ReportConfig)
     stage = sub.add_parser(
         "stage",
         help="run one stage alone on an existing session",
@@ -305,6 +325,7 @@ def _version() -> str:
 
 SCHEMAS = {
     "train": Config, "stage": Config, "infer": InferConfig, "evaluate": EvaluateConfig, "export": ExportConfig,
+    "report": ReportConfig,
 }
 
 
@@ -342,6 +363,8 @@ def run_command(command: str, args: argparse.Namespace) -> int:
         pipeline.evaluate(session_folder, given(args, EvaluateConfig))
     elif command == "export":
         pipeline.export(session_folder, given(args, ExportConfig))
+    elif command == "report":
+        pipeline.report(session_folder, given(args, ReportConfig))
     elif command == "networks":
         pipeline.list_networks()
     return 0

@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 CONFIG_VERSION = 1
 CLI = "command line"  # the ``source`` of values given as flags: errors then name the flag
+DEFAULT_THRESHOLD = 60.0  # percent: drip infer keeps detections from here, and the report draws them
 
 
 def _opt(default, help, group, *, choices=None, low=None, high=None, below=None, flag=True, aliases=()):
@@ -304,6 +305,15 @@ class Config(_Schema):
         low=0,
     )
 
+    report: bool = _opt(
+        True,
+        "At the end of training, draw the report into report/: training curves, precision-recall "
+        "curves, a confusion matrix, the dataset and eval images with their predictions, shown "
+        "by one index.html. It runs the exported model once more on the eval split; 'drip "
+        "report' draws it again at any time.",
+        "train",
+    )
+
     version: int = _opt(CONFIG_VERSION, "Schema version of this file.", "meta", flag=False)
 
     # -- the commented file -----------------------------------------------------------------
@@ -521,7 +531,7 @@ class InferConfig(_ModelRun):
         aliases=("output",),
     )
     threshold: float = _opt(
-        60.0,
+        DEFAULT_THRESHOLD,
         "Minimum score, in percent, for a detection to be kept. Lower finds more objects and "
         "more false alarms; 60 suits a model trained to convergence.",
         "model",
@@ -571,6 +581,29 @@ class EvaluateConfig(_ModelRun):
         """The metrics JSON ``results_path`` names: the file itself, or metrics.json in the folder."""
         path = Path(self.results_path)
         return path if path.suffix.lower() == ".json" else path / "metrics.json"
+
+
+@dataclass
+class ReportConfig(_Schema):
+    """What ``drip report`` does: draw a session's pictures and its index.html again."""
+
+    threshold: float = _opt(
+        DEFAULT_THRESHOLD,
+        "Score, in percent, from which a detection counts in the confusion matrix and is drawn on "
+        "the eval images: drip infer's default, so the pictures show what inference keeps.",
+        "model",
+        low=0.0,
+        high=100.0,
+    )
+    batch_size: int = _opt(
+        4, "Images per forward pass when the model is run on the eval split.", "infer", low=1, high=1024
+    )
+    device: str = _opt(
+        "auto",
+        "'auto' picks CUDA when PyTorch sees a GPU, else the CPU.",
+        "infer",
+        choices=("auto", "cpu", "cuda"),
+    )
 
 
 @dataclass

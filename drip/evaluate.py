@@ -13,7 +13,8 @@ precision-recall curve and a floor of 0.05 would cut its low-score tail.
 
 Entry points:
 
-* ``evaluate_records`` -- the training loop: a model on the eval split's TFRecord shards.
+* ``evaluate_records`` -- the training loop: a model on the eval split's TFRecord shards
+  (``predict_records`` gives the detections themselves, for the report's pictures).
 * ``evaluate_annotations`` -- ``drip evaluate``: an exported model on any annotated image folder.
   Reads the model file (``--model``, else ``<session_folder>/dl/model.pt``), the annotations
   (``--src_json_path``, any format Drip reads) and the images under ``--images_path``.
@@ -417,10 +418,39 @@ def evaluate_records(
     boxes times the decoded width and height are the ground truth in original pixels. The
     model is left in the mode (train/eval) it came in.
     """
+    found = predict_records(model, shard_paths, device, batch_size, image_size, show_progress, slicing=slicing)
+    return coco_metrics(found.truths, found.detections, classes)
+
+
+@dataclass
+class RecordPredictions:
+    """What ``predict_records`` found: per image, in record order."""
+
+    truths: list[ImageTruth]
+    detections: list[ImageDetections]
+    images: list[Image.Image]  # the first ``keep_images`` decoded images, for pictures
+
+
+def predict_records(
+    model: torch.nn.Module,
+    shard_paths: Sequence[Path],
+    device: torch.device | str,
+    batch_size: int,
+    image_size: int,
+    show_progress: bool = True,
+    keep_images: int = 0,
+    slicing: Any = None,
+) -> RecordPredictions:
+    """Run ``model`` on every record in ``shard_paths``: ground truth and detections per image.
+
+    Image ids are the records' positions (0, 1, ...); the first ``keep_images`` images are kept.
+    With ``slicing`` (a model trained on tiles) each image is predicted tile by tile.
+    """
     from .tfrecord import decode_example, index_records, iter_records
 
     paths = [Path(p) for p in shard_paths]
     truths: list[ImageTruth] = []
+    kept: list[Image.Image] = []
 
     def images() -> Iterator[tuple[int, Image.Image]]:
         for path in paths:
@@ -436,6 +466,8 @@ def evaluate_records(
                 boxes = [[b[0] * width, b[1] * height, b[2] * width, b[3] * height] for b in example.boxes]
                 image_id = len(truths)
                 truths.append(ImageTruth(image_id, width, height, boxes, list(example.labels)))
+                if len(kept) < keep_images:
+                    kept.append(image)
                 yield image_id, image
 
     source: Iterable[tuple[int, Image.Image]] = images()
@@ -446,7 +478,7 @@ def evaluate_records(
         detections = predict(
             model, source, image_size=image_size, device=device, batch_size=batch_size, slicing=slicing
         )
-    return coco_metrics(truths, detections, classes)
+    return RecordPredictions(truths, detections, kept)
 
 
 # -- annotations against a model's classes -----------------------------------------------------

@@ -1,5 +1,5 @@
-"""Runs the stages in order: what ``drip train``, ``drip stage``, ``drip infer``, ``drip evaluate``
-and ``drip export`` do.
+"""Runs the stages in order: what ``drip train``, ``drip stage``, ``drip infer``, ``drip evaluate``,
+``drip export`` and ``drip report`` do.
 
 The only module that knows the order of the stages and how a session starts, resumes and records
 its resolved config; the stages themselves know nothing of each other.
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import console
-from .config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig
+from .config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig
 from .errors import ConfigError, InputError, SessionError
 from .session import Session
 from .stages import augment, configure, infer as infer_stage, records, split, train as train_stage
@@ -82,6 +82,17 @@ def export(session_folder: Path, overrides: dict):
     )
     console.info(f"exported {model_path} as {config.format} to {path}")
     return path
+
+
+def report(session_folder: Path, overrides: dict):
+    """``drip report``: the session's pictures and index.html, drawn again (see ``drip.report``)."""
+    from .report import write_report
+
+    config = ReportConfig().updated(overrides, CLI)
+    return write_report(
+        Session(Path(session_folder)), threshold=config.threshold / 100, device=config.device,
+        batch_size=config.batch_size,
+    )
 
 
 def list_networks() -> None:

@@ -61,6 +61,7 @@ def config(dataset):
             "log_every": 1,
             "warmup_steps": 2,
             "device": "cpu",
+            "report": False,  # tests/test_report.py draws it; elsewhere it would only cost time
         },
         "test",
     )

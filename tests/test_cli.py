@@ -69,7 +69,7 @@ def test_mistyped_flag_gets_a_suggestion(capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["evaluate", "--threshold", "50"], "(--threshold is a flag of 'drip infer', not of 'drip evaluate')"),
+    (["evaluate", "--threshold", "50"], "(--threshold is a flag of 'drip infer' and 'drip report', not of 'drip evaluate')"),
     (["export", "--results_path", "x"],
      "--results_path is a flag of 'drip infer' and 'drip evaluate', not of 'drip export'; "
      "'drip export' takes --output for that"),

@@ -3,7 +3,7 @@
 Reads ``records/records.json`` (the shards under ``"train"`` and ``"eval"``, the ``"classes"``),
 the shards it lists and ``label_map.pbtxt``. Writes ``checkpoints/step-XXXXXXX.pt`` every
 ``checkpoint_every`` steps and at the end (the newest ``keep_checkpoints`` are kept), TensorBoard
-events in ``logs/`` and, at the end, ``model.pt``.
+events in ``logs/`` and, at the end, ``model.pt`` and the pictures of ``report/`` (``drip.report``).
 
 Every ``eval_every`` steps and at the end the model (its EMA with ``--ema``) is scored on the eval
 shards with ``drip.evaluate`` (pycocotools' COCO metrics). Each evaluation appends a row to
@@ -51,7 +51,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .. import console, models
+from .. import console, models, report
 from ..evaluate import evaluate_records, predict, summary_lines
 from ..tiling import training_slicing
 from ..config import Config
@@ -148,6 +148,7 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
         best_step=best_step, best_metrics=best_metrics,
     )
     console.info(f"trained to step {step} at {images_per_sec:.1f} images/s on {device}; model saved to {session.model_path}")
+    report.write_after_training(session, config)
     return TrainResult(step, session.model_path, images_per_sec)
 
 

@@ -1,0 +1,147 @@
+"""The report (drip.report): its numbers, its pictures, and its page in a real browser."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from drip import report
+from drip.evaluate import ImageDetections, ImageTruth
+from drip.session import Session
+from drip.stages import configure, split
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+# Appended to a copy of index.html beside it: after the page has loaded, one line per <img>.
+PROBE = (
+    '<script>window.addEventListener("load", () => { const d = document.createElement("pre");'
+    ' d.id = "drip-probe"; d.textContent = JSON.stringify([...document.images].map('
+    "i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight]));"
+    " document.body.appendChild(d); });</script>"
+)
+
+
+def images_in_browser(index: Path, tmp_path: Path) -> list[list]:
+    """``[src, complete, naturalWidth, naturalHeight]`` of every image of ``index`` as headless
+    Chromium loads it from the file system (no network: every host resolves to nothing)."""
+    browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
+    if browser is None:
+        pytest.skip("no Chromium to render the report page: apt-get install -y chromium (CI's .ci/run does)")
+    probe = index.with_name("_probe.html")
+    probe.write_text(index.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    try:
+        out = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'chromium'}",
+             "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=20000", "--dump-dom", probe.as_uri()],
+            capture_output=True, text=True, timeout=180,
+        )
+    finally:
+        probe.unlink()
+    found = re.search(r'<pre id="drip-probe">(.*?)</pre>', out.stdout, re.S)
+    assert found, f"the page did not finish loading in {browser}: {out.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+def assert_page_loads(index: Path, tmp_path: Path, expected: set[str]) -> None:
+    page = index.read_text(encoding="utf-8")
+    assert not re.search(r'(src|href)="(https?:)?//', page), "the page must not fetch anything"
+    loaded = images_in_browser(index, tmp_path)
+    assert {src for src, *_ in loaded} == expected
+    broken = [src for src, complete, width, height in loaded if not (complete and width > 0 and height > 0)]
+    assert not broken, f"images that did not load: {broken}"
+
+
+# -- the numbers --------------------------------------------------------------------------------------
+def test_confusion_matrix_counts_matches_confusions_misses_and_false_boxes():
+    truths = [
+        ImageTruth(0, 100, 100, [[0, 0, 10, 10], [50, 50, 70, 70], [80, 80, 90, 90]], [1, 2, 2]),
+        ImageTruth(1, 100, 100, [], []),
+    ]
+    detections = [
+        ImageDetections(0, np.array([[0, 0, 10, 11],      # class 1 on the class 1 object: right
+                                     [50, 50, 70, 69],    # class 1 on a class 2 object: confused
+                                     [1, 1, 10, 10],      # a second box on the first object: false
+                                     [80, 80, 90, 90]],   # below the threshold: the object is missed
+                                    dtype=float),
+                        np.array([0.9, 0.8, 0.7, 0.2]), np.array([1, 1, 1, 2])),
+        ImageDetections(1, np.array([[5, 5, 30, 30]], dtype=float), np.array([0.95]), np.array([2])),
+    ]
+    matrix = report.confusion_matrix(truths, detections, num_classes=2, threshold=0.5)
+    # rows: true circle, true square, background; columns: predicted circle, square, background
+    assert matrix.tolist() == [[1, 0, 0], [1, 0, 1], [1, 1, 0]]
+    assert report.confusion_matrix(truths, detections, 2, threshold=0.1)[1].tolist() == [1, 1, 0]
+
+
+def test_box_iou():
+    iou = report.box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]]))
+    assert np.allclose(iou, [[1.0, 50 / 150, 0.0]])
+
+
+# -- the pictures and the page -------------------------------------------------------------------------
+def test_a_session_without_a_model_gets_the_pictures_it_can_and_says_why_not_the_rest(
+        tmp_path, session, config, dataset):
+    split.run(session, config)
+    configure.write(session, config)
+    # A TensorBoard log and two evaluations, as training writes them.
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(session.logs_dir)) as writer:
+        for step in range(1, 6):
+            writer.add_scalar("loss/total", 2.0 / step, step)
+            writer.add_scalar("loss/classifier", 1.0 / step, step)
+            writer.add_scalar("lr", 0.001 * step, step)
+    session.metrics_path.write_text("".join(
+        json.dumps({"step": s, "AP": ap, "AP50": ap + 0.2}) + "\n" for s, ap in ((2, 0.1), (4, 0.3))
+    ))
+    assert report.read_scalars(session.logs_dir)["loss/total"] == [(s, pytest.approx(2.0 / s)) for s in range(1, 6)]
+
+    written = report.write_report(session, device="cpu", show_progress=False)
+    assert [p.file for p in written.pictures] == ["training_curves.png", "dataset_classes.png", "dataset_boxes.png"]
+    for picture in written.pictures:
+        with Image.open(written.folder / picture.file) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 150
+    assert set(written.missing) == {"Precision-recall curves", "Confusion matrix", "Predictions on eval images"}
+    page = written.index.read_text()
+    assert "Not drawn: no model.pt in" in page and "fasterrcnn_mobilenet_v3_large_320_fpn" in page
+    assert_page_loads(written.index, tmp_path, {p.file for p in written.pictures})
+
+
+@pytest.mark.slow
+def test_training_writes_the_report_and_drip_report_draws_it_again(tmp_path, dataset, capsys):
+    from drip.cli import main
+
+    folder = tmp_path / "my pipeline"
+    argv = [
+        "--session_folder", str(folder), "--src_json_path", str(dataset["metadata"]),
+        "--image_folder_path", str(dataset["images"]), "--network", "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "--weights", "none", "--image_size", "64", "--batch_size", "1", "--number_of_steps", "2",
+        "--augmentations", "0", "--num_workers", "0", "--log_every", "1", "--warmup_steps", "1",
+        "--device", "cpu", "--box_batch_size_per_image", "16", "--eval_percentage", "25",
+    ]
+    assert main(["train", *argv]) == 0
+    session = Session(folder)
+    index = session.dl / "report" / "index.html"
+    pictures = {"training_curves.png", "dataset_classes.png", "dataset_boxes.png", "pr_curves.png",
+                "confusion_matrix.png", "eval_predictions.png"}
+    assert {p.name for p in index.parent.iterdir()} == pictures | {"index.html"}
+    assert_page_loads(index, tmp_path, pictures)
+    page = index.read_text()
+    metrics = session.read_state()["stages"]["train"]["best_metrics"]
+    # The page's AP is the exported model's on the eval split: the number training recorded.
+    assert f"<b>{metrics['AP']:.3f}</b>AP<" in page
+    assert "objects found at 60%" in page
+
+    capsys.readouterr()
+    assert main(["report", "--session_folder", str(folder), "--threshold", "0", "--device", "cpu"]) == 0
+    assert "report: 6 pictures and index.html" in capsys.readouterr().err
+    assert "objects found at 0%" in index.read_text()
+    earlier = list((folder / "trash").glob("*-report/report/index.html"))
+    assert len(earlier) == 1 and "objects found at 60%" in earlier[0].read_text()
+    assert_page_loads(index, tmp_path, pictures)
