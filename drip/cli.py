@@ -50,19 +50,23 @@ class Parser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(strays)}{self.stray_hints(strays, command)}")
         return parsed
 
+    # For a parser without sub-commands (a starter): a function returning the parsers of the
+    # commands beside it, by name, asked only when a flag is not known.
+    related = None
+
     def stray_hints(self, strays: list[str], command: str | None = None) -> str:
         """`` (did you mean: ...)`` for the flags in ``strays``, as given to ``command``."""
-        commands = _commands(self)
+        commands = _commands(self) or (self.related() if self.related else {})
         own = commands.get(command, self) if command else self
         prog = own.prog
         known = _long_flags(own)
-        others = {name: _long_flags(p) for name, p in commands.items() if name != command}
+        others = {p.prog: _long_flags(p) for name, p in commands.items() if name != command}
         meant, notes = [], []
         for word in strays:
             flag = word.split("=", 1)[0]
             if not flag.startswith("--"):
                 continue
-            close = difflib.get_close_matches(flag, sorted(known - {flag}), n=1)
+            close = difflib.get_close_matches(flag, sorted(known - {flag}), n=1, cutoff=_CLOSE)
             if close:
                 meant.append(f"{flag} -> {close[0]}")
                 continue
@@ -70,20 +74,24 @@ class Parser(argparse.ArgumentParser):
             if takers:
                 same = SAME_PURPOSE.get(flag)
                 here = f"; '{prog}' takes {same} for that" if same in known else ""
-                notes.append(f"{flag} is a flag of {_names(self.prog, takers)}, not of '{prog}'{here}")
+                notes.append(f"{flag} is a flag of {_names(takers)}, not of '{prog}'{here}")
                 continue
             near = {name: c for name, flags in others.items()
-                    for c in difflib.get_close_matches(flag, sorted(flags), n=1)}
+                    for c in difflib.get_close_matches(flag, sorted(flags), n=1, cutoff=_CLOSE)}
             if len(set(near.values())) == 1:
-                notes.append(f"{flag}: did you mean {next(iter(near.values()))}, a flag of {_names(self.prog, list(near))}?")
+                notes.append(f"{flag}: did you mean {next(iter(near.values()))}, a flag of {_names(list(near))}?")
         if meant:
             notes.insert(0, f"did you mean: {', '.join(meant)}?")
         return f" ({'; '.join(notes)})" if notes else ""
 
 
-def _names(prog: str, commands: list[str]) -> str:
-    return " and ".join(f"'{prog} {name}'" for name in commands)
+def _names(progs: list[str]) -> str:
+    return " and ".join(f"'{prog}'" for prog in progs)
 
+
+# How alike a stray flag and a known one must be to suggest it (difflib's ratio): at its default
+# 0.6, "--thresold" would be offered "--help".
+_CLOSE = 0.75
 
 # Flags of different commands that do the same job, for the hint when one is given to the wrong
 # command (today every pair is also an alias; the table keeps the hint right if that changes).

@@ -89,12 +89,24 @@ def add_runtime_flags(p: argparse.ArgumentParser, command: str = "train") -> Non
     )
 
 
+STARTERS = {"train": "training_starter.py", "infer": "inference_starter.py"}
+
+
 def build_parser(command: str, prog: str) -> argparse.ArgumentParser:
     if command == "train":
         p = cli.add_train_flags(cli.new_parser(prog, cli.TRAIN_DESCRIPTION))
     else:
         p = cli.add_infer_flags(cli.new_parser(prog, cli.INFER_DESCRIPTION))
     add_runtime_flags(p, command)
+    # A flag of the other starter given to this one: the error names the starter that takes it.
+    p.related = lambda: {other: build_parser_only(other) for other in STARTERS if other != command}
+    return p
+
+
+def build_parser_only(command: str) -> argparse.ArgumentParser:
+    """The other starter's parser, for the hint about a flag it takes (not its own hints)."""
+    p = build_parser(command, STARTERS[command])
+    p.related = None
     return p
 
 

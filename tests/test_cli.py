@@ -84,6 +84,12 @@ def test_a_flag_of_another_command_names_the_command_that_takes_it(capsys, argv,
     assert f"{flag} -> {flag}" not in err  # the old hint: the flag suggested as its own fix
 
 
+def test_a_starter_names_the_other_starter_for_its_flags():
+    out = _starter("--threshold", "50")
+    assert out.returncode == 2
+    assert "(--threshold is a flag of 'inference_starter.py', not of 'training_starter.py')" in out.stderr
+
+
 @pytest.mark.parametrize("command", ["infer", "evaluate"])
 @pytest.mark.parametrize("flag", ["--results_path", "--output"])
 def test_results_path_is_where_results_go_and_output_its_alias(command, flag):
