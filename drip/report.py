@@ -410,25 +410,30 @@ def _evaluation_pictures(ev: _Evaluation, threshold: float, folder: Path, report
     colours = _class_colours(len(classes))
 
     # Per-class precision-recall at IoU 0.5 (COCO's interpolated curve, 101 recall points).
-    fig = _figure(7.5, 5.2)
-    ax = fig.subplots()
     recall = np.asarray(metrics.recall_thresholds)
     curves = {name: c for name, c in metrics.pr_curves.items() if c is not None}
+    many = len(curves) > 8  # the legend goes beside the plot, the class curves fade behind the mean
+    fig = _figure(7.5 + (3.5 if many else 0) + (3.0 if len(curves) > 30 else 0), 5.2 + (0.1 * max(0, len(curves) - 30)))
+    ax = fig.subplots()
     for i, name in enumerate(classes):
         if name in curves:
             ap50 = metrics.per_class_ap50.get(name)
-            ax.plot(recall, np.clip(curves[name], 0, 1), color=colours[i], linewidth=1.4,
+            ax.plot(recall, np.clip(curves[name], 0, 1), color=colours[i], linewidth=1.0 if many else 1.4,
+                    alpha=0.75 if many else 1.0,
                     label=f"{name}  AP50 {_num(ap50)}  ({metrics.per_class_objects.get(name, 0)} objects)")
     if curves:
         mean = np.mean([np.clip(c, 0, 1) for c in curves.values()], axis=0)
         ax.plot(recall, mean, color="black", linewidth=2.6, label=f"all classes  AP50 {_num(metrics.AP50)}")
-        ax.legend(loc="lower left", fontsize=7 if len(curves) > 10 else 8,
-                  ncol=1 if len(curves) <= 12 else 2)
+        if many:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, ncol=1 if len(curves) <= 30 else 2)
+        else:
+            ax.legend(loc="lower left")
     else:
         ax.text(0.5, 0.5, "no objects in the eval split", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
            title="Precision-recall at IoU 0.5 on the eval split")
-    ax.set_aspect("equal")
+    if not many:
+        ax.set_aspect("equal")
     _save(fig, folder, "pr_curves.png", report, "Precision-recall curves",
           "Each class's precision against recall at IoU 0.5, as pycocotools computes it for AP50 "
           "(every detection scoring 0.1% or more counts), for the exported model on the eval split.")
@@ -447,6 +452,8 @@ def _evaluation_pictures(ev: _Evaluation, threshold: float, folder: Path, report
     fig.colorbar(image, ax=ax, label="share of the row", shrink=0.8)
     if len(names) <= 30:
         for (row, col), count in np.ndenumerate(matrix):
+            if count == 0 and len(names) > 6:  # blank cells read faster than a sea of zeros
+                continue
             if row == k and col == k:
                 continue
             ax.text(col, row, str(count), ha="center", va="center", fontsize=8 if len(names) <= 15 else 6,
