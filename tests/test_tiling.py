@@ -381,3 +381,21 @@ def test_onnx_slices_like_pytorch(tmp_path):
     assert index["tiling"] == {"tile_size": 96, "tile_overlap": 0.25, "full_pass": False}
     assert len(theirs) >= 3
     assert not unmatched(theirs, ours) and not unmatched(ours, theirs)
+
+
+def test_evaluation_scores_whole_images_after_merging_tiles():
+    # What evaluation during training and drip evaluate run: drip.evaluate.predict with a Slicing.
+    from drip.evaluate import ImageTruth, coco_metrics, predict
+    from test_infer import BrightSpotDetector
+
+    picture = Image.new("RGB", (240, 100))
+    picture.paste((255, 255, 255), (90, 40, 110, 60))  # across a seam
+    found = predict(BrightSpotDetector(), [(7, picture)], image_size=100, batch_size=4,
+                    slicing=tiling.Slicing(100, 0.3))
+    assert [d.image_id for d in found] == [7]
+    assert found[0].boxes.tolist() == [[90, 40, 110, 60]]
+    metrics = coco_metrics([ImageTruth(7, 240, 100, [[90, 40, 110, 60]], [1])], found, ["spot"])
+    assert metrics.stats()["AP50"] == pytest.approx(1.0)
+    # Unsliced, the same detector sees the image shrunk to 100 px and the box comes back scaled.
+    whole = predict(BrightSpotDetector(), [(7, picture)], image_size=100, batch_size=4)
+    assert whole[0].boxes.shape == (1, 4)
