@@ -353,7 +353,15 @@ def tile_training_images(
     from .dataset import resolve_image
     from .parallel import ordered_map
 
+    from .errors import InputError
+
     out_root = Path(out_root)
+    if Path(image_root).resolve().is_relative_to(out_root.resolve()):
+        # The folder is emptied first: it must not hold what is about to be read.
+        raise InputError(
+            f"--image_folder_path {image_root} is inside {out_root}, where Drip writes the tiles of "
+            "this session; copy the images elsewhere or use another --session_folder"
+        )
     if out_root.exists():
         shutil.rmtree(out_root)
     out_root.mkdir(parents=True)

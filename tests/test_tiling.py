@@ -273,6 +273,18 @@ def test_split_cuts_training_images_into_tiles_per_source_image(tmp_path, large_
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # input untouched
 
 
+def test_images_inside_the_tiles_folder_are_refused_not_deleted(tmp_path, config):
+    from drip.errors import InputError
+    from drip.tiling import tile_training_images
+
+    out = tmp_path / "images_tiled"
+    (out / "site").mkdir(parents=True)
+    (out / "site" / "mine.png").write_bytes(b"user data")
+    with pytest.raises(InputError, match="inside"):
+        tile_training_images([], out / "site", out, 64, 0.2, 0, [])
+    assert (out / "site" / "mine.png").read_bytes() == b"user data"
+
+
 def test_tile_larger_than_every_image_keeps_them_whole(tmp_path, large_dataset, config):
     from drip.session import Session, read_json
     from drip.stages import split
