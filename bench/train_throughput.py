@@ -249,9 +249,9 @@ def main() -> int:
             "data_wait_fraction": round(waiting / seconds, 4),
             "steps": n,
         }
-    from drip.stages.train import _num_workers
+    from drip.training.loop import num_workers
 
-    figures["drip"]["workers"] = _num_workers(config.num_workers)
+    figures["drip"]["workers"] = num_workers(config.num_workers)
     figures["drip"]["stage_reported_images_per_s"] = round(result.images_per_sec or 0.0, 2)
     ratio = rates["drip"] / rates["reference"]
     figures["ratio_drip_to_reference"] = round(ratio, 3)

@@ -5,6 +5,9 @@ bytes), opens the files lazily in whichever process reads them, and turns one re
 torchvision detector takes: a CHW float image in 0..1 whose longer side is ``image_size``, and a
 ``{"boxes", "labels"}`` target in pixels of that image.
 
+``read_records`` and ``read_eval_records`` turn the session's ``records/records.json`` into the
+class names and the shard paths, checked.
+
 ``StepBatchSampler`` decides which records make up each training step from the step number
 alone, so a run resumed at step N reads exactly what an uninterrupted run would have read, and the
 online augmentation (``ONLINE_AUGMENTATIONS``: a horizontal flip, and with ``jitter`` a random zoom
@@ -19,7 +22,7 @@ import math
 import os
 from array import array
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +30,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .errors import SessionError
+from .labelmap import LabelMap
+from .session import Session, read_json
 from .tfrecord import decode_example, index_records, read_record_at
 
 # A sample key is either a plain record index (no augmentation) or, in training, the pair
@@ -287,3 +292,51 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         return max(0, self.num_steps - self.start_step)
+
+
+# -- the session's records --------------------------------------------------------------------
+def read_records(session: Session) -> tuple[list[str], list[Path]]:
+    """Class names (id 1 first) and the training shards, checked against the label map."""
+    index_path = session.require(session.records_dir / "records.json", "records")
+    index = read_json(index_path)
+    names = list(LabelMap.read(session.require(session.label_map_path, "split")).names)
+    if not isinstance(index, dict):
+        raise SessionError(f"{index_path}: expected an object with 'train' and 'classes'; rerun the records stage")
+    recorded = index.get("classes")
+    if recorded is not None and list(recorded) != names:
+        raise SessionError(
+            f"{index_path}: the records were written for classes {list(recorded)} but "
+            f"{session.label_map_path.name} has {names}; rerun the records stage"
+        )
+    listed = index.get("train") or []
+    if isinstance(listed, dict):  # {"shards": [...], "count": N, ...} as the records stage writes it
+        listed = listed.get("shards") or []
+    shards = [shard_path(session.records_dir, entry, index_path) for entry in listed]
+    if not shards:
+        raise SessionError(f"{index_path}: no training shards listed; rerun the records stage")
+    missing = [str(p) for p in shards if not p.is_file()]
+    if missing:
+        raise SessionError(f"{missing[0]}: training shard missing ({len(missing)} in all); rerun the records stage")
+    return names, shards
+
+
+def read_eval_records(session: Session) -> list[Path]:
+    """The eval shards ``records.json`` lists (none when the split held nothing out)."""
+    index_path = session.records_dir / "records.json"
+    index = read_json(index_path)
+    listed = (index.get("eval") or []) if isinstance(index, dict) else []
+    if isinstance(listed, dict):
+        listed = listed.get("shards") or []
+    shards = [shard_path(session.records_dir, entry, index_path) for entry in listed]
+    missing = [str(p) for p in shards if not p.is_file()]
+    if missing:
+        raise SessionError(f"{missing[0]}: eval shard missing ({len(missing)} in all); rerun the records stage")
+    return shards
+
+
+def shard_path(records_dir: Path, entry: Any, index_path: Path) -> Path:
+    if isinstance(entry, dict):
+        entry = entry.get("file") or entry.get("path") or entry.get("name")
+    if not isinstance(entry, str) or not entry:
+        raise SessionError(f"{index_path}: shard entry {entry!r} is not a file name; rerun the records stage")
+    return records_dir / entry

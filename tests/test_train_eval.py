@@ -14,6 +14,8 @@ from drip.evaluate import Metrics
 from drip.images import encode_for_record
 from drip.session import read_json, write_json
 from drip.stages import train
+from drip.training import hooks
+from drip.training.optim import EMA
 from drip.synthetic import CLASSES, make_dataset
 from drip.tfrecord import DetectionExample, TFRecordWriter, encode_example
 
@@ -60,11 +62,11 @@ def fake_evaluations(monkeypatch, aps):
     """Make the loop's evaluations return ``aps`` in turn (real pictures are still drawn)."""
     calls = iter(aps)
 
-    def evaluate_records(model, shards, classes, device, batch_size, image_size, show_progress=True):
+    def evaluate_records(model, shards, classes, device, batch_size, image_size, show_progress=True, slicing=None):
         ap = next(calls)
         return dataclasses.replace(Metrics.empty(classes, images=5), AP=ap, AP50=ap + 0.2)
 
-    monkeypatch.setattr(train, "evaluate_records", evaluate_records)
+    monkeypatch.setattr(hooks, "evaluate_records", evaluate_records)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ def test_without_an_eval_split_the_last_model_is_exported(session, config, datas
 # -- EMA ------------------------------------------------------------------------------------------
 def test_ema_follows_the_weights_with_a_warming_decay():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-    ema = train._EMA(model, decay=0.999)
+    ema = EMA(model, decay=0.999)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -198,7 +200,7 @@ def test_ema_follows_the_weights_with_a_warming_decay():
             assert torch.allclose(value, decay * start[key] + (1 - decay) * live), key
         else:
             assert torch.equal(value, live), key
-    again = train._EMA(model, 0.999, ema.model.state_dict(), ema.updates)
+    again = EMA(model, 0.999, ema.model.state_dict(), ema.updates)
     assert again.updates == 1 and all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), ema.model.state_dict().values()))
 
 

@@ -1,0 +1,138 @@
+"""What happens between training steps, as hooks on ``loop.Trainer`` (detectron2's hooks.py).
+
+They run in the order registered, after every step: ``LogHook`` (losses, learning rate and
+images/s to TensorBoard and the progress bar), ``EvalHook`` (scores the model on the eval split,
+appends to ``metrics.jsonl``, tracks the best evaluation), ``CheckpointHook`` (``step-*.pt`` and
+``best.pt``). Each writes files, so the stage registers them where files are written.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import console, models
+from ..config import Config
+from ..evaluate import evaluate_records, summary_lines
+from ..session import Session
+from ..tiling import training_slicing
+from . import events
+from .checkpoints import checkpoint_state, cuda_indices, save_checkpoint
+from .loop import HookBase
+
+
+class LogHook(HookBase):
+    """Every ``log_every`` steps (and at the end or a stop): mean losses, lr and images/s."""
+
+    def __init__(self, writer, log_every: int, dataset=None, sampler=None, classes: list[str] = ()):
+        self.writer, self.log_every = writer, log_every
+        self.dataset, self.sampler, self.classes = dataset, sampler, list(classes)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._steps = 0
+
+    def before_train(self) -> None:
+        t = self.trainer
+        if self.dataset is not None:
+            events.log_training_samples(self.writer, self.dataset, self.sampler, self.classes, t.start_step)
+        self._window_start, self._excluded_at_start = time.perf_counter(), t.excluded
+
+    def after_step(self) -> None:
+        t = self.trainer
+        # Summed on the device; read (one sync) only at log steps.
+        for name, value in t.losses.items():
+            value = value.detach().float()
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._steps += 1
+        if not (t.step % self.log_every == 0 or t.step == t.end or t.stopping):
+            return
+        names = list(self._sums)
+        values = (torch.stack([self._sums[n] for n in names]) / self._steps).tolist()
+        t.check_finite()
+        now = time.perf_counter()
+        for name, value in zip(names, values):
+            self.writer.add_scalar(f"loss/{name.removeprefix('loss_')}", value, t.step)
+        self.writer.add_scalar("lr", t.lr, t.step)
+        seconds = max(now - self._window_start - (t.excluded - self._excluded_at_start), 1e-9)
+        self.writer.add_scalar("throughput/images_per_sec", self._steps * t.batch_size / seconds, t.step)
+        if t.bar is not None:
+            t.bar.set_postfix(loss=f"{values[names.index('loss_total')]:.3f}", refresh=False)
+        self._sums, self._steps = {}, 0
+        self._window_start, self._excluded_at_start = now, t.excluded
+
+
+class EvalHook(HookBase):
+    """Every ``eval_every`` steps and at the end (not on a stop): COCO metrics of the model (its
+    EMA) on the eval shards, to TensorBoard, ``metrics.jsonl`` and the console; sets
+    ``trainer.best`` and ``trainer.improved`` when the AP is the best yet."""
+
+    def __init__(self, writer, session: Session, config: Config, classes: list[str], eval_shards: list[Path]):
+        self.writer, self.session, self.config = writer, session, config
+        self.classes, self.eval_shards = list(classes), list(eval_shards)
+        self._samples = None
+
+    def after_step(self) -> None:
+        t, every = self.trainer, self.config.eval_every
+        if not self.eval_shards or t.stopping or not (t.step == t.end or (every > 0 and t.step % every == 0)):
+            return
+        t.check_finite()
+        with t.paused():
+            t.improved = self.evaluate(t.step)
+
+    def evaluate(self, step: int) -> bool:
+        """Score the model (its EMA) on the eval split, report it; True when its AP is the best yet."""
+        t, config = self.trainer, self.config
+        model = t.ema.model if t.ema is not None else t.model
+        console.info(f"evaluating step {step} on the eval split" + (" (EMA weights)" if t.ema is not None else ""))
+        # Evaluation draws no random numbers today; forking keeps it so whatever torchvision does.
+        with torch.random.fork_rng(devices=cuda_indices(t.device)):
+            metrics = evaluate_records(model, self.eval_shards, self.classes, t.device, config.batch_size,
+                                       config.image_size,
+                                       slicing=training_slicing(config))  # a model trained on tiles: whole images, sliced
+            if self._samples is None:  # the first few eval images, read once
+                self._samples = events.read_eval_samples(self.eval_shards, events.SHOWN_EVAL_IMAGES)
+            events.log_predictions(self.writer, model, self._samples, self.classes, step,
+                                   image_size=config.image_size, device=t.device, batch_size=config.batch_size)
+        events.log_metrics(self.writer, metrics, step)
+        events.append_metrics_row(self.session.metrics_path, step, metrics)
+        best = t.best
+        improved = best is None or (metrics.AP is not None and (best.get("AP") is None or metrics.AP > best["AP"]))
+        if improved:
+            t.best = {"step": step, "AP": metrics.AP, "metrics": metrics.to_json()}
+        was = "" if best is None or improved else f"; the best is still step {best['step']} (AP {events.show(best.get('AP'))})"
+        console.info(f"step {step}: " + ("new best" if improved else "evaluated") + was)
+        for line in summary_lines(metrics):
+            console.info(line)
+        return improved
+
+
+class CheckpointHook(HookBase):
+    """``step-XXXXXXX.pt`` every ``checkpoint_every`` steps, at the end and on a stop (the newest
+    ``keep_checkpoints`` kept, and the one resumed from); ``best.pt`` after a new best evaluation."""
+
+    def __init__(self, session: Session, config: Config, network: str, classes: list[str], data: dict[str, Any],
+                 resumed_from: Path | None):
+        self.session, self.config, self.network, self.classes = session, config, network, list(classes)
+        self.data = data  # the records' fingerprint, saved in every checkpoint: see checkpoints.check_data
+        self.resumed_from = resumed_from
+
+    def state(self, step: int) -> dict[str, Any]:
+        return checkpoint_state(self.trainer, step, network=self.network, classes=self.classes, config=self.config,
+                                data=self.data)
+
+    def after_step(self) -> None:
+        t = self.trainer
+        periodic = t.step % self.config.checkpoint_every == 0 or t.step == t.end or t.stopping
+        if not (periodic or t.improved):
+            return
+        t.check_finite()
+        with t.paused():
+            if periodic:
+                t.last_saved = save_checkpoint(
+                    self.state(t.step), self.session.checkpoints_dir, t.step, keep=self.config.keep_checkpoints,
+                    last_saved=t.last_saved, protected={self.resumed_from} if self.resumed_from else set(),
+                )
+            if t.improved:
+                models.save_atomic(self.state(t.step), self.session.best_checkpoint_path)
