@@ -3,8 +3,8 @@
 Two halves:
 
 * ``build_run_spec`` turns a command and its parsed flags into a ``RunSpec``: the image, the
-  argv inside the container, the bind mounts, the user, the environment, the GPU request, the
-  ports. It is a pure function of its arguments (and of which paths exist), so the unit tests
+  argv inside the container, the bind mounts, the user, the environment, the GPU request,
+  TensorBoard. It is a pure function of its arguments (and of which paths exist), so the unit tests
   check every mount and flag without an engine.
 * ``run`` / ``ensure_image`` / ``doctor`` talk to the engine through the Docker SDK for Python
   (imported only when called): build the image with streamed progress, run the container with
@@ -50,7 +50,10 @@ IMAGE_REPO = "drip"
 HOST_PREFIX = "/drip/host"
 DEFAULT_SESSION_FOLDER = "pipeline/"
 DEFAULT_TENSORBOARD_PORT = 6006
-STOP_GRACE_S = 60  # training writes a checkpoint on SIGINT/SIGTERM; give it this long
+# In bridge mode TensorBoard listens on the container's 127.0.0.1, and drip.forward relays a Unix
+# socket in this folder (a private host folder mounted here) to it; see drip/forward.py.
+RELAY_DIR = "/drip/tensorboard"
+RELAY_SOCKET = "tensorboard.sock"
 GIB = 1 << 30
 
 # Top-level folders of the image: a host path under one of these cannot be mirrored without
@@ -143,13 +146,15 @@ class RunSpec:
     environment: dict[str, str]
     working_dir: str
     device_requests: list[dict[str, Any]]
-    ports: dict[str, tuple[str, int]]  # "6006/tcp" -> ("127.0.0.1", host port)
     shm_size: int  # bytes of /dev/shm: DataLoader workers pass batches through it
     network: str | None  # None: the engine's default (bridge)
     tmpfs: dict[str, str] = field(default_factory=dict)  # HOME, owned by the user
     make_dirs: list[str] = field(default_factory=list)  # host folders to create before the run
     tensorboard: list[str] | None = None  # argv to start in the running container
     tensorboard_url: str | None = None
+    # argv of the relay from a Unix socket in RELAY_DIR to TensorBoard (bridge mode); the starter
+    # mounts a private host folder there and serves the host's loopback port through it.
+    tensorboard_relay: list[str] | None = None
     notes: list[str] = field(default_factory=list)  # one-line messages for the user
     tty: bool = False
     interactive: bool = False  # --shell: stdin attached
@@ -376,8 +381,7 @@ def build_run_spec(command: str, args: argparse.Namespace, image: str, host: Hos
     notes += gpu_notes
 
     network = getattr(args, "docker_network", None) or None
-    ports: dict[str, tuple[str, int]] = {}
-    tensorboard = url = None
+    tensorboard = relay = url = None
     tb_port = int(getattr(args, "tensorboard_port", DEFAULT_TENSORBOARD_PORT))
     if command == "train" and tb_port and not getattr(args, "shell", False):
         logs = container_path(session_lexical) + "/dl/logs"
@@ -385,8 +389,11 @@ def build_run_spec(command: str, args: argparse.Namespace, image: str, host: Hos
             # The container shares the host's network: bind the loopback address directly.
             tensorboard = _tensorboard_argv(logs, "127.0.0.1", tb_port)
         else:
-            tensorboard = _tensorboard_argv(logs, "0.0.0.0", DEFAULT_TENSORBOARD_PORT)
-            ports[f"{DEFAULT_TENSORBOARD_PORT}/tcp"] = ("127.0.0.1", tb_port)  # never other hosts
+            # No published port: one would make the container's bridge address serve TensorBoard
+            # to other containers. Its own loopback, relayed through a Unix socket (drip.forward).
+            tensorboard = _tensorboard_argv(logs, "127.0.0.1", DEFAULT_TENSORBOARD_PORT)
+            relay = ["python", "-m", "drip.forward", "--unix", f"{RELAY_DIR}/{RELAY_SOCKET}",
+                     "--to", f"127.0.0.1:{DEFAULT_TENSORBOARD_PORT}"]
         url = f"http://127.0.0.1:{tb_port}/"
 
     home = ident.home
@@ -419,13 +426,13 @@ def build_run_spec(command: str, args: argparse.Namespace, image: str, host: Hos
         environment=environment,
         working_dir=container_path(os.path.normpath(cwd)),
         device_requests=device_requests,
-        ports=ports,
         shm_size=shm_size_for(host.memory_bytes),
         network=network,
         tmpfs=tmpfs,
         make_dirs=make_dirs,
         tensorboard=tensorboard,
         tensorboard_url=url,
+        tensorboard_relay=relay,
         notes=notes,
         tty=host.tty and (host.stdin_tty or not shell),
         interactive=shell,
@@ -661,18 +668,40 @@ def prepare_host(spec: RunSpec, identity: Identity) -> None:
                 os.chown(d, identity.uid, identity.gid)
 
 
-def _check_port(spec: RunSpec) -> None:
+def _tensorboard_listener(spec: RunSpec) -> socket.socket | None:
+    """The host's 127.0.0.1 port for TensorBoard, checked free before the container starts.
+
+    Bound and returned when the starter relays it (bridge mode); on the host network TensorBoard
+    binds it itself, so it is only checked.
+    """
     if not spec.tensorboard_url:
-        return
+        return None
     port = int(spec.tensorboard_url.rsplit(":", 1)[1].strip("/"))
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            raise DripError(
-                f"--tensorboard_port {port}: the port is in use on 127.0.0.1; pass another port, "
-                "or --tensorboard_port 0 to run without TensorBoard"
-            ) from None
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        raise DripError(
+            f"--tensorboard_port {port}: the port is in use on 127.0.0.1; pass another port, "
+            "or --tensorboard_port 0 to run without TensorBoard"
+        ) from None
+    if not spec.tensorboard_relay:
+        s.close()
+        return None
+    s.listen(64)
+    return s
+
+
+def _relay_folder(identity: Identity) -> str:
+    """A private host folder for the relay's socket, writable by the container's user."""
+    import tempfile
+
+    # /tmp keeps the socket's path under the 108 bytes a Unix socket address may have.
+    folder = tempfile.mkdtemp(prefix="drip-tb-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    if os.geteuid() == 0 and identity.uid != 0:
+        os.chown(folder, identity.uid, identity.gid)
+    return folder
 
 
 def create_kwargs(client, spec: RunSpec, name: str) -> dict[str, Any]:
@@ -682,7 +711,6 @@ def create_kwargs(client, spec: RunSpec, name: str) -> dict[str, Any]:
     host_config = client.api.create_host_config(
         mounts=[docker.types.Mount(m.container, m.host, type="bind", read_only=m.mode == "ro") for m in spec.mounts],
         device_requests=[docker.types.DeviceRequest(**r) for r in spec.device_requests] or None,
-        port_bindings={k: v for k, v in spec.ports.items()} or None,
         shm_size=spec.shm_size,
         network_mode=spec.network,
         group_add=spec.group_add or None,
@@ -700,7 +728,6 @@ def create_kwargs(client, spec: RunSpec, name: str) -> dict[str, Any]:
         "tty": spec.tty,
         "stdin_open": spec.interactive,
         "detach": False,
-        "ports": [(int(p.split("/")[0]), p.split("/")[1]) for p in spec.ports] or None,  # exposed
         "host_config": host_config,
         "name": name,
         "labels": {"org.drip.command": spec.command[1] if len(spec.command) > 1 else "shell"},
@@ -716,11 +743,16 @@ def run_spec(client, spec: RunSpec, identity: Identity, out=None, err=None) -> i
     for note in spec.notes:
         print(f"[drip] {note}", file=err, flush=True)
     prepare_host(spec, identity)
-    _check_port(spec)
+    listener = _tensorboard_listener(spec)
+    relay_folder = stop_relay = None
+    if listener is not None:
+        relay_folder = _relay_folder(identity)
+        spec = dataclasses.replace(spec, mounts=[*spec.mounts, Mount(relay_folder, RELAY_DIR, "rw")])
     name = f"drip-{os.getpid()}-{os.urandom(3).hex()}"
     try:
         cid = client.api.create_container(**create_kwargs(client, spec, name))["Id"]
     except docker.errors.APIError as exc:
+        _close_relay(listener, None, relay_folder)
         raise DripError(_run_error(exc)) from None
     try:
         sock = client.api.attach_socket(cid, params={
@@ -732,6 +764,10 @@ def run_spec(client, spec: RunSpec, identity: Identity, out=None, err=None) -> i
             raise DripError(_run_error(exc)) from None
         if spec.tensorboard:
             _start_tensorboard(client, cid, spec, err)
+            if listener is not None:
+                from . import forward
+
+                stop_relay = forward.start(listener, forward.unix_connector(os.path.join(relay_folder, RELAY_SOCKET)))
         if spec.interactive and spec.tty:
             _resize(client, cid)
         _pump(client, cid, sock, spec, out, err)
@@ -741,23 +777,34 @@ def run_spec(client, spec: RunSpec, identity: Identity, out=None, err=None) -> i
             client.api.remove_container(cid, force=True)
         except docker.errors.APIError:
             pass
+        _close_relay(listener, stop_relay, relay_folder)
+
+
+def _close_relay(listener: socket.socket | None, stop, folder: str | None) -> None:
+    if stop is not None:
+        stop.set()
+    if listener is not None:
+        listener.close()
+    if folder is not None:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)  # Drip's own temporary folder: the socket, nothing else
 
 
 def _run_error(exc) -> str:
     text = " ".join(str(getattr(exc, "explanation", None) or exc).split())
     if "could not select device driver" in text:
         return no_gpu_message()
-    if "port is already allocated" in text or "address already in use" in text:
-        return f"a port of the container is in use on the host ({text}); pass another --tensorboard_port"
     return f"the Docker engine refused to run the container: {text}"
 
 
 def _start_tensorboard(client, cid: str, spec: RunSpec, err) -> None:
-    exec_id = client.api.exec_create(
-        cid, spec.tensorboard, user=spec.user, environment=spec.environment,
-        workdir=spec.working_dir, stdout=False, stderr=False,
-    )["Id"]
-    client.api.exec_start(exec_id, detach=True)
+    for argv in filter(None, (spec.tensorboard, spec.tensorboard_relay)):
+        exec_id = client.api.exec_create(
+            cid, argv, user=spec.user, environment=spec.environment,
+            workdir=spec.working_dir, stdout=False, stderr=False,
+        )["Id"]
+        client.api.exec_start(exec_id, detach=True)
     print(f"[drip] TensorBoard: {spec.tensorboard_url}", file=err, flush=True)
 
 
@@ -779,8 +826,10 @@ class _Stop(Exception):
 def _pump(client, cid: str, sock, spec: RunSpec, out, err) -> None:
     """Copy the container's output to ours (and our stdin to it for --shell) until it ends.
 
-    Ctrl-C (or SIGTERM to the starter) sends SIGINT to drip in the container, which saves a
-    checkpoint and exits; after STOP_GRACE_S the container is stopped. A second Ctrl-C kills it.
+    Ctrl-C (or SIGTERM to the starter) sends SIGINT (SIGTERM) to drip in the container, and the
+    starter waits for it however long it takes: training finishes its step, saves a checkpoint,
+    says so and exits, and on a large model and a slow disk that can take minutes. Only a second
+    Ctrl-C (or SIGTERM) kills the container, losing the steps since its last checkpoint.
     """
     raw = getattr(sock, "_sock", sock)
     stdin_fd = sys.stdin.fileno() if spec.interactive else None
@@ -808,8 +857,8 @@ def _pump(client, cid: str, sock, spec: RunSpec, out, err) -> None:
         except ValueError:  # not the main thread
             old_term = None
     demux = _Demux(out, err, tty=spec.tty)
-    deadline = None
     stopping = 0
+    training = spec.command[:2] == ["drip", "train"]
     try:
         while True:
             try:
@@ -827,19 +876,14 @@ def _pump(client, cid: str, sock, spec: RunSpec, out, err) -> None:
                     else:
                         raw.shutdown(socket.SHUT_WR)  # EOF: the container's stdin closes
                         stdin_fd = None
-                if deadline is not None and time.monotonic() > deadline:
-                    print("[drip] the container did not stop in time; stopping it", file=err, flush=True)
-                    client.api.stop(cid, timeout=10)
-                    deadline = None
             except (KeyboardInterrupt, _Stop) as exc:
                 stopping += 1
                 if stopping == 1:
                     sig = "SIGTERM" if isinstance(exc, _Stop) else "SIGINT"
-                    print(f"\n[drip] stopping: {sig} sent to the container, it saves its work "
-                          f"(up to {STOP_GRACE_S} s; Ctrl-C again to kill it now)", file=err, flush=True)
+                    print(f"\n[drip] {stop_message(sig, training)}", file=err, flush=True)
                     _signal(client, cid, sig)
-                    deadline = time.monotonic() + STOP_GRACE_S
                 else:
+                    print(f"\n[drip] {kill_message(training)}", file=err, flush=True)
                     _signal(client, cid, "SIGKILL")
     finally:
         demux.flush()
@@ -847,6 +891,21 @@ def _pump(client, cid: str, sock, spec: RunSpec, out, err) -> None:
             restore_tty()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+
+
+def stop_message(sig: str, training: bool) -> str:
+    if training:
+        return (f"stopping: {sig} sent to the container; training finishes its step, saves a checkpoint "
+                "and says when it is done (on a large model and a slow disk this can take minutes). "
+                "Ctrl-C again kills it now, losing every step since its last checkpoint")
+    return f"stopping: {sig} sent to the container. Ctrl-C again kills it now"
+
+
+def kill_message(training: bool) -> str:
+    if training:
+        return ("killing the container: the checkpoint being written is lost, and so is every step "
+                "since the last one saved; --resume_training continues from that one")
+    return "killing the container"
 
 
 def _signal(client, cid: str, sig: str) -> None:

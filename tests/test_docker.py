@@ -169,25 +169,57 @@ def owned_by(folder: Path, uid: int, gid: int) -> list[str]:
     return wrong
 
 
+def connect_ex(address: str, port: int) -> int:
+    """0 when something accepts a TCP connection at address:port, else the errno."""
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex((address, port))
+
+
+def container_addresses(pid: int) -> dict[str, str] | None:
+    """The bridge address and gateway of the container the starter with ``pid`` runs, if it runs."""
+    import docker
+
+    for container in docker.from_env().containers.list(filters={"name": f"drip-{pid}-"}):
+        for net in container.attrs["NetworkSettings"]["Networks"].values():
+            if net.get("IPAddress"):
+                return {"container": net["IPAddress"], "gateway": net["Gateway"]}
+    return None
+
+
 @pytest.fixture(scope="module")
 def trained(drip_image, workdir, user):
-    """Train for 3 steps in the container while polling TensorBoard; the starter's output."""
+    """Train for 3 steps in the container on the bridge while polling TensorBoard; what was seen.
+
+    Once TensorBoard answers on the host's loopback, and while the container still runs, the same
+    port and TensorBoard's own (6006) are probed on every other address that could reach it: the
+    container's bridge address (other containers, and the host through the bridge), the bridge's
+    gateway on the host (where other containers reach the host), and the host's outward address.
+    """
     port = free_port()
     answered = []
-    elsewhere = []
+    elsewhere: dict[str, int] = {}
 
     def poll(proc):
+        addresses = None
         while proc.poll() is None and not answered:
+            addresses = addresses or container_addresses(proc.pid)
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
                     answered.append(r.status)
             except OSError:
                 time.sleep(0.5)
-        address = outward_address()
-        if answered and address:  # the same port on the host's other address must be closed
-            with socket.socket() as s:
-                s.settimeout(2)
-                elsewhere.append(s.connect_ex((address, port)))
+        if not answered:
+            return
+        addresses = addresses or container_addresses(proc.pid) or {}
+        outward = outward_address()
+        if outward:
+            addresses["outward"] = outward
+        for name, address in addresses.items():
+            # 6006, TensorBoard's port inside, only on the container: the host may run its own.
+            for p in sorted({port, 6006}) if name == "container" else [port]:
+                elsewhere[f"{name} {address}:{p}"] = connect_ex(address, p)
+        elsewhere["still running"] = proc.poll() is None
 
     start = time.monotonic()
     proc = starter("training_starter.py", [
@@ -215,7 +247,11 @@ def test_train_in_the_container(trained, workdir, user):
 
 def test_tensorboard_answered_on_loopback_only_during_training(trained):
     assert trained["tensorboard"] == [200], trained["out"][-2000:]
-    assert all(code != 0 for code in trained["elsewhere"]), "TensorBoard is reachable from other hosts"
+    probes = dict(trained["elsewhere"])
+    assert probes.pop("still running") is True, "training ended before the other addresses were probed"
+    assert any(name.startswith("container ") for name in probes), probes  # the bridge address was probed
+    reachable = [name for name, code in probes.items() if code == 0]
+    assert not reachable, f"TensorBoard's ports answer beyond the host's loopback: {reachable}"
     assert f"TensorBoard: http://127.0.0.1:{trained['port']}/" in trained["out"]
 
 
@@ -318,3 +354,28 @@ def test_doctor_passes_on_this_engine(drip_image, workdir):
     assert re.search(r"^OK    engine +Docker", r.stdout, re.MULTILINE)
     assert re.search(r"^OK    image +drip:[0-9a-f]{16} ", r.stdout, re.MULTILINE)
     assert re.search(r"^(OK|WARN)  nvidia", r.stdout, re.MULTILINE)  # a CPU-only engine is a warning
+
+
+# -- GPUs ----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_training_in_the_container_on_the_gpu(drip_image, workdir, user):
+    """--gpus all --device cuda: the container gets the GPU and trains on it, mixed precision."""
+    import torch
+
+    from drip import docker_runtime as dr
+
+    if dr.nvidia_runtime(dr.connect().info()) is False:
+        reason = f"this machine has a GPU but the Docker engine cannot pass it on: {dr.NVIDIA_FIX}"
+        if os.environ.get("DRIP_REQUIRE_GPU") == "1":
+            pytest.fail(reason)
+        _unavailable(reason)
+    session = workdir / "gpu session"
+    rc, out = finish(starter("training_starter.py", [
+        *RUNTIME[:6], "--device", "cuda", "--gpus", "all", *TINY, "--number_of_steps", "2",
+        "--session_folder", str(session), "--tensorboard_port", "0", "--class_map_path", "files/class_map.pbtxt",
+    ], workdir, user))
+    assert rc == 0, out[-3000:]
+    saved = torch.load(session / "dl" / "checkpoints" / "step-0000002.pt", map_location="cpu", weights_only=True)
+    assert saved["config"]["device"] == "cuda"
+    assert saved["scaler"] and saved["scaler"]["scale"] > 0  # AMP ran: it runs only on CUDA
+    assert owned_by(session, *user[:2]) == []

@@ -180,7 +180,7 @@ def test_infer_default_model_mounts_the_session_read_only_and_results_read_write
     assert s.make_dirs == [f"{p}/files/results"]
     assert s.command == ["drip", "infer", "--session_folder", "pipeline/",
                          "--images_path", "files/test_images", "--threshold", "50"]
-    assert s.tensorboard is None and s.ports == {}
+    assert s.tensorboard is None and s.tensorboard_relay is None
 
 
 def test_infer_brought_model_is_mounted_read_only_and_the_session_is_not(project, tmp_path):
@@ -288,23 +288,25 @@ def test_bad_gpus_flag_is_a_usage_error(bad, capsys):
 
 
 # -- ports, shared memory, shell ----------------------------------------------------------------
-def test_tensorboard_is_published_on_loopback_only(project):
+def test_tensorboard_listens_on_the_containers_loopback_behind_a_relay(project):
+    """Bridge mode: no published port (it would serve the container's bridge address too)."""
     s = spec("train", ["--tensorboard_port", "7007"], project)
-    assert s.ports == {"6006/tcp": ("127.0.0.1", 7007)}
-    assert s.tensorboard[-4:] == ["--host", "0.0.0.0", "--port", "6006"]
+    assert s.tensorboard[-4:] == ["--host", "127.0.0.1", "--port", "6006"]
     assert s.tensorboard[s.tensorboard.index("--logdir") + 1] == f"{project}/pipeline/dl/logs"
+    assert s.tensorboard_relay == ["python", "-m", "drip.forward", "--unix", f"{dr.RELAY_DIR}/{dr.RELAY_SOCKET}",
+                                   "--to", "127.0.0.1:6006"]
     assert s.tensorboard_url == "http://127.0.0.1:7007/"
 
 
 def test_tensorboard_on_the_host_network_binds_loopback_itself(project):
     s = spec("train", ["--docker_network", "host", "--tensorboard_port", "7007"], project)
-    assert s.network == "host" and s.ports == {}
+    assert s.network == "host" and s.tensorboard_relay is None
     assert s.tensorboard[-4:] == ["--host", "127.0.0.1", "--port", "7007"]
 
 
 def test_tensorboard_port_zero_turns_it_off(project):
     s = spec("train", ["--tensorboard_port", "0"], project)
-    assert s.tensorboard is None and s.ports == {} and s.tensorboard_url is None
+    assert s.tensorboard is None and s.tensorboard_relay is None and s.tensorboard_url is None
 
 
 def test_shared_memory_is_enough_for_dataloader_workers(project):
@@ -334,10 +336,8 @@ def test_engine_arguments_are_whitelisted_and_never_privileged(project):
     assert {(m["Target"], m["ReadOnly"]) for m in hc["Mounts"]} == {(m.container, m.mode == "ro") for m in s.mounts}
     assert all(m["Type"] == "bind" for m in hc["Mounts"])
     assert hc["DeviceRequests"][0]["Capabilities"] == [["gpu"]]
-    assert hc["PortBindings"]["6006/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": "7007"}]
+    assert "PortBindings" not in hc and "ports" not in kw  # nothing published: TensorBoard goes through the relay
     assert kw["user"] == "1234:2345" and kw["working_dir"] == str(project)
-    config = client.api.create_container_config(kw["image"], kw["command"], ports=kw["ports"])
-    assert config["ExposedPorts"] == {"6006/tcp": {}}  # published ports must be exposed too
     assert "Binds" not in hc and "IpcMode" not in hc  # only the listed mounts; no host IPC
 
 
@@ -501,3 +501,49 @@ def test_drip_doctor_without_an_engine_fails_with_the_fix(tmp_path, monkeypatch,
     assert re.search(r"^FAIL  engine .*no Docker engine answers", out, re.MULTILINE)
     assert "fix: install Docker and start it" in out
     assert re.search(r"^OK    session disk", out, re.MULTILINE)
+
+
+# -- Ctrl-C -------------------------------------------------------------------------------------
+class FakeAPI:
+    def __init__(self):
+        self.calls = []
+
+    def kill(self, cid, signal):
+        self.calls.append(("kill", signal))
+
+    def stop(self, cid, timeout=None):
+        self.calls.append(("stop", timeout))
+
+
+def test_ctrl_c_waits_for_the_checkpoint_and_only_a_second_one_kills(project, monkeypatch):
+    """However long training takes to save, the first Ctrl-C never turns into a stop or a kill."""
+    import io
+    import socket
+    import time as real_time
+    import types
+
+    ours, theirs = socket.socketpair()
+    clock = [real_time.monotonic()]
+    script = iter(["interrupt", "an hour passes", "an hour passes", "interrupt", "the container ends"])
+
+    def fake_select(readers, writers, errors, timeout):
+        step = next(script)
+        if step == "interrupt":
+            raise KeyboardInterrupt
+        if step == "an hour passes":
+            clock[0] += 3600
+            return [], [], []
+        theirs.close()
+        return [ours], [], []
+
+    monkeypatch.setattr(dr, "select", types.SimpleNamespace(select=fake_select))
+    monkeypatch.setattr(dr.time, "monotonic", lambda: clock[0])
+    client = types.SimpleNamespace(api=FakeAPI())
+    err = io.StringIO()
+    dr._pump(client, "cid", ours, spec("train", ["--device", "cpu"], project), io.StringIO(), err)
+    ours.close()
+    assert client.api.calls == [("kill", "SIGINT"), ("kill", "SIGKILL")]  # never a timed stop
+    text = err.getvalue()
+    assert "stopping: SIGINT sent to the container; training finishes its step, saves a checkpoint" in text
+    assert "Ctrl-C again kills it now, losing every step since its last checkpoint" in text
+    assert "killing the container: the checkpoint being written is lost" in text
