@@ -65,3 +65,35 @@ def config(dataset):
         },
         "test",
     )
+
+
+def gpu_unavailable_reason() -> str | None:
+    """None when a CUDA GPU can be used here, else why not (one line, for the skip)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        built = torch.version.cuda or "none (a CPU-only build)"
+        return f"needs an NVIDIA GPU: torch.cuda.is_available() is False (torch {torch.__version__}, CUDA {built})"
+    return None
+
+
+_GPU_REASON: list[str | None] = []  # asked once per session: importing torch is not free
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Tests marked ``gpu`` skip, with the reason, where no CUDA GPU answers.
+
+    With DRIP_REQUIRE_GPU=1 (scripts/gpu_checks.sh sets it when nvidia-smi sees a GPU) they fail
+    instead: a GPU check that skipped would prove nothing.
+    """
+    if item.get_closest_marker("gpu") is None:
+        return
+    if not _GPU_REASON:
+        _GPU_REASON.append(gpu_unavailable_reason())
+    reason = _GPU_REASON[0]
+    if reason is None:
+        return
+    if os.environ.get("DRIP_REQUIRE_GPU") == "1":
+        pytest.fail(f"DRIP_REQUIRE_GPU=1, but this test {reason}", pytrace=False)
+    pytest.skip(reason)
