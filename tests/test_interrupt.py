@@ -114,7 +114,7 @@ def assert_same_training_state(a: Path, b: Path) -> None:
         for key in x[part]:
             assert torch.equal(x[part][key], y[part][key]), f"{part}: {key}"
     states_x, states_y = x["optimizer"]["state"], y["optimizer"]["state"]
-    assert states_x.keys() == states_y.keys()
+    assert states_x and states_x.keys() == states_y.keys()  # an optimizer that has stepped has state
     for index in states_x:
         for name, value in states_x[index].items():
             other = states_y[index][name]
