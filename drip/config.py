@@ -305,6 +305,15 @@ class Config(_Schema):
         low=0,
     )
 
+    patience: int = _opt(
+        0,
+        "Stop after this many evaluations in a row without a better AP than the best so far, "
+        "then export the best model as at the end (0 = off: train all number_of_steps). For "
+        "long runs whose AP may level off well before the end; the patience in steps is "
+        "patience x eval_every. A resumed run counts the evaluations before it.",
+        "train",
+        low=0,
+    )
     report: bool = _opt(
         True,
         "At the end of training, draw the report into report/: training curves, precision-recall "

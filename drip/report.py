@@ -594,7 +594,8 @@ def _page(session: Session, report: Report, ev: _Evaluation | None, facts: dict[
     ]
     cards = []
     if trained:
-        cards.append(("steps trained", trained.get("step")))
+        early = " (stopped early: --patience)" if trained.get("stopped_early") else ""
+        cards.append((f"steps trained{early}", trained.get("step")))
         cards.append(("best step", trained.get("best_step")))
     if ev is not None:
         cards += [("AP", _num(ev.metrics.AP)), ("AP50", _num(ev.metrics.AP50))]

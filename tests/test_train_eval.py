@@ -167,6 +167,43 @@ def test_resume_keeps_the_best_so_far(session, config, records, monkeypatch, cap
     assert session.read_state()["stages"]["train"]["best_step"] == 2
 
 
+# -- --patience ----------------------------------------------------------------------------------
+def test_patience_stops_after_that_many_evaluations_without_a_better_ap(session, config, records, monkeypatch,
+                                                                          capsys):
+    fake_evaluations(monkeypatch, [0.3, 0.1, 0.3, 0.5])
+    config = config.updated({"eval_every": 1, "batch_size": 1, "number_of_steps": 8, "patience": 2}, "test")
+    assert train.run(session, config).step == 3  # best at 1; 2 and 3 are no better (an equal AP is not)
+    assert [(row["step"], row["AP"]) for row in metrics_rows(session)] == [(1, 0.3), (2, 0.1), (3, 0.3)]
+    err = capsys.readouterr().err
+    assert "no better AP than step 1's in the last 2 evaluations (--patience 2): stopping at step 3 of 8" in err
+    assert train.list_checkpoints(session.checkpoints_dir)[-1].name == "step-0000003.pt"
+    meta = models.load_model(session.model_path).meta
+    assert meta["step"] == 1 and meta["last_step"] == 3
+    state = session.read_state()["stages"]["train"]
+    assert state["step"] == 3 and state["best_step"] == 1 and state["stopped_early"] is True
+
+
+def test_resume_counts_the_evaluations_before_it_and_an_early_stop_stays_stopped(session, config, records,
+                                                                                 monkeypatch, capsys):
+    config = config.updated({"eval_every": 1, "batch_size": 1, "patience": 3}, "test")
+    fake_evaluations(monkeypatch, [0.3, 0.1])
+    train.run(session, config.updated({"number_of_steps": 2}, "test"))  # best at 1, one evaluation since
+    fake_evaluations(monkeypatch, [0.2, 0.25, 0.9])
+    # Two more without a better AP make three: it stops at 4, where an unbroken run stops too.
+    assert train.run(session, config.updated({"number_of_steps": 8}, "test"), resume=True).step == 4
+    assert [row["step"] for row in metrics_rows(session)] == [1, 2, 3, 4]
+
+    fake_evaluations(monkeypatch, [])  # no training and no evaluation may happen now
+    capsys.readouterr()
+    assert train.run(session, config.updated({"number_of_steps": 8}, "test"), resume=True).step == 4
+    assert "stopped early at step 4: 3 evaluations without a better AP (--patience 3)" in capsys.readouterr().err
+    assert models.load_model(session.model_path).meta["step"] == 1
+
+    fake_evaluations(monkeypatch, [0.5])  # a larger patience trains on
+    assert train.run(session, config.updated({"number_of_steps": 5, "patience": 10}, "test"), resume=True).step == 5
+    assert models.load_model(session.model_path).meta["step"] == 5
+
+
 def test_eval_every_zero_evaluates_at_the_end_only(session, config, records, monkeypatch):
     fake_evaluations(monkeypatch, [0.2])
     train.run(session, config.updated({"eval_every": 0, "batch_size": 1}, "test"))

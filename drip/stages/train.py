@@ -10,6 +10,8 @@ shards with ``drip.evaluate`` (pycocotools' COCO metrics). Each evaluation appen
 ``metrics.jsonl``, prints a summary and goes to TensorBoard; a better AP than any before saves
 ``checkpoints/best.pt`` (never pruned), and ``model.pt`` is the best model, its step and metrics
 recorded in the file and in ``session.json``. Without an eval split the last step is exported.
+With ``--patience N`` the run ends after N evaluations in a row without a better AP (the count is
+in each checkpoint, so a resumed run goes on counting, and an ended one stays ended).
 
 What goes to TensorBoard is listed in ``drip.training.events``.
 
@@ -110,8 +112,12 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
             model = models.build_model(config.network, num_classes, config.weights, config.image_size, session.cache)
         _set_box_sampling(model, config)
 
-        if start_step >= config.number_of_steps:
+        since_best = int(checkpoint.get("evaluations_since_best") or 0) if checkpoint else 0
+        stopped_early = bool(config.patience) and since_best >= config.patience
+        if start_step >= config.number_of_steps or stopped_early:
             console.info(
+                f"stopped early at step {start_step}: {since_best} evaluations without a better AP (--patience "
+                f"{config.patience}); raise --patience, or set it to 0, to train on" if stopped_early else
                 f"already finished at step {start_step}; raise --number_of_steps (now "
                 f"{config.number_of_steps}) to train further"
             )
@@ -124,6 +130,7 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
 
         trainer, dataset, sampler = _trainer(config, model, network, classes, device, shards, start_step, checkpoint,
                                              checkpoint_path, best)
+        trainer.since_best = since_best
         if not eval_shards:
             console.info("no eval split (records.json lists no eval images): no evaluation; the last step's model is exported")
         writer = events.summary_writer(session.logs_dir, start_step)
@@ -140,7 +147,7 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
                                       step, best)
     session.record_stage(
         "train", step=step, images_per_sec=round(images_per_sec, 2), device=str(device), network=network,
-        best_step=best_step, best_metrics=best_metrics,
+        best_step=best_step, best_metrics=best_metrics, stopped_early=trainer.finished,
     )
     console.info(f"trained to step {step} at {images_per_sec:.1f} images/s on {device}; model saved to {session.model_path}")
     report.write_after_training(session, config)

@@ -53,6 +53,7 @@ def checkpoint_state(trainer, step: int, *, network: str, classes: list[str], co
         "ema": ema.model.state_dict() if ema is not None else None,
         "ema_updates": ema.updates if ema is not None else 0,
         "best": trainer.best,
+        "evaluations_since_best": trainer.since_best,  # so a resumed run keeps --patience's count
     }
 
 

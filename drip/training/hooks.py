@@ -80,6 +80,15 @@ class EvalHook(HookBase):
         t.check_finite()
         with t.paused():
             t.improved = self.evaluate(t.step)
+        # An evaluation of the best's own step is one a resumed run trains again: not a miss.
+        t.since_best = 0 if t.improved or t.best["step"] == t.step else t.since_best + 1
+        patience = self.config.patience
+        if patience and t.since_best >= patience and t.step < t.end:
+            console.info(
+                f"no better AP than step {t.best['step']}'s in the last {t.since_best} evaluations "
+                f"(--patience {patience}): stopping at step {t.step} of {t.end}; the best model is exported"
+            )
+            t.finished = True
 
     def evaluate(self, step: int) -> bool:
         """Score the model (its EMA) on the eval split, report it; True when its AP is the best yet."""
@@ -124,7 +133,7 @@ class CheckpointHook(HookBase):
 
     def after_step(self) -> None:
         t = self.trainer
-        periodic = t.step % self.config.checkpoint_every == 0 or t.step == t.end or t.stopping
+        periodic = t.step % self.config.checkpoint_every == 0 or t.step == t.end or t.stopping or t.finished
         if not (periodic or t.improved):
             return
         t.check_finite()

@@ -65,6 +65,8 @@ class Trainer:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.stopping = False
         self.best, self.improved = best, False
+        self.since_best = 0  # evaluations in a row without a better AP (--patience)
+        self.finished = False  # a hook ended the run before ``end`` (--patience); it saved first
         self.last_saved = last_saved
         self.excluded = 0.0
         self.bar = None
@@ -144,6 +146,8 @@ class Trainer:
                 self.improved = False
                 for hook in self.hooks:
                     hook.after_step()
+                if self.finished:
+                    break
                 if self.stopping:
                     raise Interrupted(
                         f"stopped at step {self.step}; checkpoint saved to {self.last_saved}; resume with --resume_training"
