@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import time
 from dataclasses import dataclass, field
@@ -236,6 +237,65 @@ def coco_metrics(
         objects=len(annotations),
         detections=len(results),
     )
+
+
+@dataclass
+class Found:
+    """What a user sees at a score threshold: which images had every object found, and the false boxes."""
+
+    threshold: float  # score, 0..1
+    images: int
+    complete_images: int  # images where every object has a box of its class at IoU >= 0.5
+    objects: int
+    found_objects: int
+    false_boxes: int  # boxes at or above the threshold that match no object of their class
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def line(self) -> str:
+        return (
+            f"at score >= {self.threshold:.2f}: every object found in {self.complete_images} of {self.images} "
+            f"images ({self.found_objects} of {self.objects} objects), {self.false_boxes} false "
+            f"box{'' if self.false_boxes == 1 else 'es'}"
+        )
+
+
+def found_at_threshold(
+    ground_truth: Sequence[ImageTruth], detections: Sequence[ImageDetections], threshold: float, iou: float = 0.5
+) -> Found:
+    """Count, as a person reading the drawn results would, at score ``threshold`` (0..1).
+
+    Boxes are matched greedily by score, as COCO matches: each box takes the unmatched object
+    of its class it overlaps most (IoU >= ``iou``); a box that takes none is a false box.
+    """
+    from torchvision.ops import box_iou
+
+    by_id = {det.image_id: det for det in detections}
+    complete = found = objects = false = 0
+    for truth in ground_truth:
+        gt_boxes = torch.as_tensor(np.asarray(truth.boxes, dtype=np.float32).reshape(-1, 4))
+        gt_labels = np.asarray(truth.labels, dtype=np.int64).reshape(-1)
+        det = by_id.get(truth.image_id)
+        if det is None:
+            boxes, labels = torch.zeros((0, 4)), np.zeros(0, dtype=np.int64)
+        else:
+            keep = np.asarray(det.scores) >= threshold
+            order = np.argsort(-np.asarray(det.scores)[keep], kind="stable")
+            boxes = torch.as_tensor(np.asarray(det.boxes, dtype=np.float32).reshape(-1, 4)[keep][order])
+            labels = np.asarray(det.labels).reshape(-1)[keep][order]
+        overlaps = box_iou(boxes, gt_boxes).numpy() if len(boxes) and len(gt_boxes) else np.zeros((len(boxes), len(gt_boxes)))
+        taken = np.zeros(len(gt_boxes), dtype=bool)
+        for i, label in enumerate(labels):
+            candidates = np.where((gt_labels == label) & ~taken & (overlaps[i] >= iou))[0]
+            if candidates.size:
+                taken[candidates[np.argmax(overlaps[i, candidates])]] = True
+            else:
+                false += 1
+        objects += len(gt_boxes)
+        found += int(taken.sum())
+        complete += bool(taken.all())
+    return Found(float(threshold), len(ground_truth), complete, objects, found, false)
 
 
 def coco_result_rows(

@@ -342,3 +342,34 @@ def test_an_image_listed_twice_is_scored_once_with_both_lists():
     assert metrics.AP == pytest.approx(1.0)
     assert [len(image.boxes) for image in annotations.images] == [1, 2]  # the caller's lists untouched
     assert scoring.missing() == [] and scoring.coco_results() is None  # not COCO: no results file
+
+
+def test_found_at_threshold_counts_what_the_drawn_results_show():
+    truths = [
+        ImageTruth("two", 100, 100, [[0, 0, 40, 40], [50, 50, 90, 90]], [1, 2]),
+        ImageTruth("one", 100, 100, [[10, 10, 50, 50]], [1]),
+        ImageTruth("none found", 100, 100, [[10, 10, 50, 50]], [2]),
+        ImageTruth("empty", 100, 100, [], []),
+    ]
+    dets = [
+        # Both objects found; a second box on the first object is a false box (a duplicate), and
+        # a box under the threshold is not drawn, so not counted.
+        ImageDetections("two", np.array([[1, 1, 40, 40], [50, 50, 90, 90], [0, 0, 41, 41], [60, 0, 99, 30]], float),
+                        np.array([0.9, 0.8, 0.7, 0.2]), np.array([1, 2, 1, 1])),
+        # The right place but the wrong class: missed, and a false box.
+        ImageDetections("one", np.array([[10, 10, 50, 50]], float), np.array([0.9]), np.array([2])),
+        # The right class but IoU 0.25 (the box is twice as wide and twice as tall): missed.
+        ImageDetections("none found", np.array([[10, 10, 90, 90]], float), np.array([0.9]), np.array([2])),
+        # An image without objects: its box is false; and it counts as complete.
+        ImageDetections("empty", np.array([[0, 0, 10, 10]], float), np.array([0.6]), np.array([1])),
+    ]
+    found = evaluate.found_at_threshold(truths, dets, 0.5)
+    assert found.to_json() == {"threshold": 0.5, "images": 4, "complete_images": 2, "objects": 4,
+                               "found_objects": 2, "false_boxes": 4}
+    assert found.line() == "at score >= 0.50: every object found in 2 of 4 images (2 of 4 objects), 4 false boxes"
+    # Lower, the box at 0.2 is drawn too; higher, only the 0.9 boxes are.
+    assert evaluate.found_at_threshold(truths, dets, 0.1).false_boxes == 5
+    high = evaluate.found_at_threshold(truths, dets, 0.85)
+    assert (high.complete_images, high.found_objects, high.false_boxes) == (1, 1, 2)
+    # An image missing from the detections has found nothing.
+    assert evaluate.found_at_threshold(truths[:2], dets[1:2], 0.5).complete_images == 0

@@ -449,6 +449,10 @@ def test_coco_annotations_give_metrics_and_coco_results(tmp_path):
     # metrics.json holds what pycocotools makes of coco_results.json against the user's file.
     report = read(results / "metrics.json")
     assert report["not_scored"] == ["g/gone.jpg"] and report["annotation_format"] == "coco"
+    # What the drawn results show at --threshold 50: the square (0.3) is not drawn, so only b.jpg
+    # (a circle alone) has every object found; the triangle box (0.2) is not drawn either.
+    assert report["at_threshold"] == {"threshold": 0.5, "images": 2, "complete_images": 1, "objects": 3,
+                                      "found_objects": 2, "false_boxes": 0}
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_path))
         ev = COCOeval(gt, gt.loadRes(str(results / "coco_results.json")), "bbox")

@@ -19,7 +19,10 @@ Writes  for each group (below), under ``<results_path>/<group>/``:
         at the top of ``<results_path>``:
 
         ``metrics.json``          COCO metrics of the model on the annotated images (as
-                                  ``drip evaluate`` writes them; see ``drip.evaluate``)
+                                  ``drip evaluate`` writes them; see ``drip.evaluate``), and
+                                  under ``at_threshold`` what the drawn results show at
+                                  ``--threshold``: the images with every object found (IoU
+                                  0.5, right class) and the false boxes
         ``coco_results.json``     for COCO annotations: every detection of the annotated
                                   images as ``[{"image_id", "category_id", "bbox": [x, y, w, h],
                                   "score"}]`` in the file's own image and category ids, for
@@ -181,7 +184,7 @@ def _score_floor(model: torch.nn.Module, scoring: Any, threshold: float):
 
 
 def _write_scores(scoring: Any, results_path: Path, config: InferConfig, model_path: Path, loaded: Any, size: int):
-    from ..evaluate import metrics_report, summary_lines
+    from ..evaluate import found_at_threshold, metrics_report, summary_lines
 
     missing = scoring.missing()
     if missing:
@@ -196,6 +199,7 @@ def _write_scores(scoring: Any, results_path: Path, config: InferConfig, model_p
         )
         return None
     metrics = scoring.metrics()
+    found = found_at_threshold(scoring.truths, scoring.detections, config.threshold / 100.0)
     write_json(
         results_path / METRICS,
         metrics_report(
@@ -208,6 +212,7 @@ def _write_scores(scoring: Any, results_path: Path, config: InferConfig, model_p
             annotation_format=scoring.annotations.format,
             dropped_boxes=scoring.dropped_boxes,
             not_scored=missing,
+            at_threshold=found.to_json(),
         ),
     )
     rows = scoring.coco_results()
@@ -217,6 +222,7 @@ def _write_scores(scoring: Any, results_path: Path, config: InferConfig, model_p
         info(line)
     also = f" and {results_path / COCO_RESULTS}" if rows is not None else ""
     info(f"infer: metrics against {config.src_json_path} in {results_path / METRICS}{also}")
+    info(found.line())
     return metrics
 
 # -- the model --------------------------------------------------------------------------------
