@@ -19,8 +19,15 @@ from .dataset import ImageAnnotation, to_drip_json
 CLASSES = ("circle", "square", "triangle")
 
 
-def draw_scene(rng: np.random.Generator, width: int, height: int, classes=CLASSES, max_objects: int = 4):
-    """One image (PIL RGB) and its boxes and labels."""
+def draw_scene(
+    rng: np.random.Generator, width: int, height: int, classes=CLASSES, max_objects: int = 4,
+    object_size: tuple[float, float] = (1 / 6, 1 / 3), overlap: bool = True,
+):
+    """One image (PIL RGB) and its boxes and labels.
+
+    Objects span ``object_size`` (a range) of the image's shorter side. Without ``overlap`` an
+    object is placed where it hides no other (an object with no free place is left out).
+    """
     base = rng.integers(40, 200, size=3)
     noise = rng.normal(0, 25, size=(height // 8 + 1, width // 8 + 1, 3))
     texture = np.clip(base + noise, 0, 255).astype(np.uint8)
@@ -29,10 +36,16 @@ def draw_scene(rng: np.random.Generator, width: int, height: int, classes=CLASSE
     boxes, labels = [], []
     short = min(width, height)
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        size = int(rng.integers(short // 6, short // 3 + 1))
-        x0 = int(rng.integers(0, width - size))
-        y0 = int(rng.integers(0, height - size))
-        x1, y1 = x0 + size, y0 + size
+        size = int(rng.integers(max(4, int(short * object_size[0])), max(5, int(short * object_size[1])) + 1))
+        for _attempt in range(1 if overlap else 30):
+            x0 = int(rng.integers(0, width - size))
+            y0 = int(rng.integers(0, height - size))
+            x1, y1 = x0 + size, y0 + size
+            free = all(x1 + 1 < b[0] or b[2] < x0 or y1 + 1 < b[1] or b[3] < y0 for b in boxes)
+            if overlap or free:
+                break
+        else:
+            continue
         label = classes[int(rng.integers(len(classes)))]
         _draw_shape(draw, rng, label, x0, y0, x1, y1)
         boxes.append([float(x0), float(y0), float(x1 + 1), float(y1 + 1)])
@@ -90,6 +103,8 @@ def make_dataset(
     folders=("set_a", "set_b"),
     seed: int = 0,
     max_objects: int = 4,
+    object_size: tuple[float, float] = (1 / 6, 1 / 3),
+    overlap: bool = True,
 ) -> list[ImageAnnotation]:
     """Write ``n_images`` JPEGs spread over ``folders`` under ``root``; return their annotations."""
     rng = np.random.default_rng(seed)
@@ -98,7 +113,7 @@ def make_dataset(
     for i in range(n_images):
         folder = folders[i % len(folders)] if folders else ""
         rel = f"{folder}/img_{i:04d}.jpg" if folder else f"img_{i:04d}.jpg"
-        img, boxes, labels = draw_scene(rng, size[0], size[1], classes, max_objects)
+        img, boxes, labels = draw_scene(rng, size[0], size[1], classes, max_objects, object_size, overlap)
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         img.save(root / rel, quality=92)
         out.append(ImageAnnotation(file=rel, width=size[0], height=size[1], boxes=boxes, labels=labels))
