@@ -154,9 +154,10 @@ def run_loaded(
             groups, results_path, 1 if slicing else config.batch_size, predict, index
         )
 
-    metrics = _write_scores(scoring, results_path, config, model_path, loaded, size) if scoring else None
     seconds = time.perf_counter() - started
     info(summary(n_images, n_detections, seconds, results_path, len(out_dirs), n_failed))
+    # The scores come last: what a user reads at the end of a run.
+    metrics = _write_scores(scoring, results_path, config, model_path, loaded, size) if scoring else None
     return InferResult(
         groups=out_dirs, images=n_images, detections=n_detections, seconds=seconds, failed=n_failed, metrics=metrics
     )
