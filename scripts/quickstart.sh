@@ -38,8 +38,8 @@ PY=.venv/bin/python
 device=()
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || device=(--device cpu)
 
-# 160 px: the sample objects are then 40-80 px, what the network's smallest anchors fit, and a
-# step costs a third of one at 320 px. 128 sampled regions per image instead of torchvision's 512:
+# 160 px: the sample objects are then 30-60 px, what the network's smallest anchors (32 px) fit,
+# and a step costs about two thirds of one at 256 px. 128 sampled regions per image instead of torchvision's 512:
 # the sample images hold one to four objects, and on a CPU the box head is most of a step.
 $PY training_starter.py --runtime "$runtime" \
     --src_json_path files/metadata.json \
