@@ -379,7 +379,7 @@ def _evaluate_model(session: Session, threshold: float, device: str, batch_size:
     if not session.model_path.is_file():
         reason = f"no {session.model_path.name} in {session.dl}: training has not exported a model yet"
     else:
-        from .stages.train import read_eval_records
+        from .data import read_eval_records
 
         try:
             shards = read_eval_records(session)

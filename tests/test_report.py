@@ -84,6 +84,18 @@ def test_box_iou():
     assert np.allclose(iou, [[1.0, 50 / 150, 0.0]])
 
 
+def test_scalars_of_a_resumed_run_are_read_as_tensorboard_shows_them(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path)) as writer:  # a run stopped at step 5, its checkpoint at 3
+        for step in range(1, 6):
+            writer.add_scalar("loss/total", 1.0, step)
+    with SummaryWriter(str(tmp_path), purge_step=4) as writer:  # resumed from step 3, as training does
+        for step in range(4, 8):
+            writer.add_scalar("loss/total", 2.0, step)
+    assert report.read_scalars(tmp_path)["loss/total"] == [(1, 1.0), (2, 1.0), (3, 1.0)] + [(s, 2.0) for s in range(4, 8)]
+
+
 # -- the pictures and the page -------------------------------------------------------------------------
 def test_a_session_without_a_model_gets_the_pictures_it_can_and_says_why_not_the_rest(
         tmp_path, session, config, dataset):
