@@ -98,12 +98,13 @@ def _add_pr_curve(writer, tag: str, precision: list[float], recall: list[float],
 
 
 def log_predictions(writer, model: nn.Module, samples, classes: list[str], step: int, *, image_size: int, device,
-                    batch_size: int) -> None:
-    """``eval_predictions/<n>``: the model's boxes on ``samples`` beside the ground truth."""
+                    batch_size: int, slicing=None) -> None:
+    """``eval_predictions/<n>``: the model's boxes on ``samples`` beside the ground truth
+    (predicted tile by tile with ``slicing``, as the metrics beside them)."""
     if not samples:
         return
     found = predict(model, [(i, image) for i, (image, _, _) in enumerate(samples)],
-                    image_size=image_size, device=device, batch_size=batch_size)
+                    image_size=image_size, device=device, batch_size=batch_size, slicing=slicing)
     for i, ((image, boxes, labels), det) in enumerate(zip(samples, found)):
         keep = det.scores >= _SHOWN_SCORE
         predicted = _drawn(image, det.boxes[keep].tolist(), det.labels[keep].tolist(), classes,

@@ -103,7 +103,8 @@ class EvalHook(HookBase):
             if self._samples is None:  # the first few eval images, read once
                 self._samples = events.read_eval_samples(self.eval_shards, events.SHOWN_EVAL_IMAGES)
             events.log_predictions(self.writer, model, self._samples, self.classes, step,
-                                   image_size=config.image_size, device=t.device, batch_size=config.batch_size)
+                                   image_size=config.image_size, device=t.device, batch_size=config.batch_size,
+                                   slicing=training_slicing(config))
         events.log_metrics(self.writer, metrics, step)
         events.append_metrics_row(self.session.metrics_path, step, metrics)
         best = t.best
