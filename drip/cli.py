@@ -23,6 +23,7 @@ import difflib
 import sys
 from pathlib import Path
 
+from . import torchrun
 from .config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig
 from .errors import DripError
 
@@ -212,6 +213,7 @@ def new_parser(prog: str | None = None, description: str | None = None) -> Parse
 def add_train_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_session_flags(p)
     add_schema_flags(p, Config)
+    torchrun.add_flags(p)
     return p
 
 
@@ -245,7 +247,9 @@ def _add_model_run_flags(p: argparse.ArgumentParser, schema) -> argparse.Argumen
 
 
 def add_infer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return _add_model_run_flags(p, InferConfig)
+    _add_model_run_flags(p, InferConfig)
+    torchrun.add_flags(p, "infer")
+    return p
 
 
 def add_evaluate_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -303,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=STAGES, help="the stage to run")
     _add_session_flags(stage)
     add_schema_flags(stage, Config)
+    torchrun.add_flags(stage)
     sub.add_parser("networks", help="list the detectors Drip can train", allow_abbrev=False)
     doctor = sub.add_parser(
         "doctor",
@@ -362,11 +367,12 @@ def run_command(command: str, args: argparse.Namespace) -> int:
         onnx_infer.run(InferConfig().updated(given(args, InferConfig), CLI), session_folder)
         return 0
     if command == "train":
-        pipeline.train(session_folder, given(args, Config), resume=args.resume_training)
+        pipeline.train(session_folder, given(args, Config), resume=args.resume_training, launch=torchrun.from_args(args))
     elif command == "stage":
-        pipeline.run_stage(args.name, session_folder, given(args, Config), resume=args.resume_training)
+        pipeline.run_stage(args.name, session_folder, given(args, Config), resume=args.resume_training,
+                           launch=torchrun.from_args(args))
     elif command == "infer":
-        pipeline.infer(session_folder, given(args, InferConfig))
+        pipeline.infer(session_folder, given(args, InferConfig), launch=torchrun.from_args(args))
     elif command == "evaluate":
         pipeline.evaluate(session_folder, given(args, EvaluateConfig))
     elif command == "export":

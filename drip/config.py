@@ -275,6 +275,23 @@ class Config(_Schema):
         low=-1,
         high=64,
     )
+    sync_bn: bool = _opt(
+        False,
+        "With several processes: synchronise batch-norm statistics over all of them (SyncBatchNorm), "
+        "for networks trained from scratch (--weights none), whose batch statistics are learned "
+        "from per-process batches that may be tiny. Frozen batch norm (pretrained backbones) stays "
+        "frozen. Costs a collective per norm layer per step.",
+        "train",
+    )
+    dist_timeout: float = _opt(
+        30.0,
+        "With several processes: minutes a process waits for the others in a collective before the "
+        "run stops with the rank named, so a dead or hung process never hangs the run. It must "
+        "exceed the longest pause of rank 0 alone (an evaluation, a checkpoint save).",
+        "train",
+        low=0.05,
+        high=1440.0,
+    )
     checkpoint_every: int = _opt(
         500, "Save a checkpoint every this many steps (and always at the end).", "train", low=1
     )

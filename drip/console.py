@@ -21,7 +21,8 @@ def warn(message: str) -> None:
     print(f"[drip] warning: {message}", file=sys.stderr, flush=True)
 
 
-def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "img", initial: int = 0):
+def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "img", initial: int = 0,
+             disable: bool = False):
     """A tqdm progress bar with ETA on stderr (imported lazily: tqdm is a container-side need)."""
     from tqdm import tqdm
 
@@ -36,4 +37,5 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
         dynamic_ncols=True,
         mininterval=0.2 if interactive else 5.0,
         leave=True,
+        disable=disable,
     )

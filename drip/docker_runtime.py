@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 
 from .config import Config, InferConfig
 from .errors import DripError
+from .torchrun import Launch
 
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"  # the Dockerfile's ARG default (a test checks)
 IMAGE_REPO = "drip"
@@ -377,10 +378,25 @@ def build_run_spec(command: str, args: argparse.Namespace, image: str, host: Hos
             argv += [f"--{f.name}", str(getattr(args, f.name))]
 
     device = str(_effective(args, schema, "device"))
-    device_requests, gpu_notes = plan_gpus(getattr(args, "gpus", "all"), device, host.nvidia_runtime)
+    gpus = getattr(args, "gpus", "all")
+    device_requests, gpu_notes = plan_gpus(gpus, device, host.nvidia_runtime)
     notes += gpu_notes
 
     network = getattr(args, "docker_network", None) or None
+    if command == "infer" and str(getattr(args, "nproc_per_node", "1")) != "1":
+        argv += ["--nproc_per_node", str(args.nproc_per_node)]  # the images shared over processes
+    if command == "train":
+        argv += _launch_argv(args, gpus, device)
+        if int(getattr(args, "nnodes", 1)) > 1:
+            # torchrun's rendezvous and the collectives connect machine to machine, on ports the
+            # bridge network would hide: the container takes the host's network.
+            if network not in (None, "host"):
+                raise DripError(
+                    f"--nnodes {args.nnodes} needs the host's network in the container (torchrun connects the "
+                    f"machines directly); drop --docker_network {network}"
+                )
+            network = "host"
+            notes.append("several machines: the container uses the host's network (--network host)")
     tensorboard = relay = url = None
     tb_port = int(getattr(args, "tensorboard_port", DEFAULT_TENSORBOARD_PORT))
     if command == "train" and tb_port and not getattr(args, "shell", False):
@@ -437,6 +453,20 @@ def build_run_spec(command: str, args: argparse.Namespace, image: str, host: Hos
         tty=host.tty and (host.stdin_tty or not shell),
         interactive=shell,
     )
+
+
+def _launch_argv(args: argparse.Namespace, gpus: str, device: str) -> list[str]:
+    """torchrun's flags for ``drip train`` in the container: those given, and with ``--gpus N`` one
+    process per GPU the container gets (with ``all``, 'auto' counts them inside)."""
+    out = []
+    defaults = {f.name: f.default for f in dataclasses.fields(Launch)}
+    for name, default in defaults.items():
+        value = getattr(args, name, default)
+        if name == "nproc_per_node" and value == "auto" and gpus.isdigit() and device != "cpu":
+            value = gpus
+        if value != default:
+            out += [f"--{name}", str(value)]
+    return out
 
 
 def _tensorboard_argv(logdir: str, address: str, port: int) -> list[str]:

@@ -32,3 +32,9 @@ class Interrupted(DripError):
     """The user stopped the run (Ctrl-C or SIGTERM) after Drip saved its work."""
 
     exit_code = 130
+
+
+class DistributedError(DripError):
+    """The process group failed: a rank died, hung, or the machines could not meet."""
+
+    exit_code = 1

@@ -14,6 +14,7 @@ from . import console
 from .config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig
 from .errors import ConfigError, InputError, SessionError
 from .session import Session
+from .torchrun import Launch
 from .stages import augment, configure, infer as infer_stage, records, split, train as train_stage
 
 STAGE_MODULES = {
@@ -25,15 +26,21 @@ STAGE_MODULES = {
 }
 
 
-def train(session_folder: Path, overrides: dict, resume: bool = False):
-    """``drip train``: a new session through every stage, or ``resume`` the current one."""
+def train(session_folder: Path, overrides: dict, resume: bool = False, launch: Launch | None = None):
+    """``drip train``: a new session through every stage, or ``resume`` the current one.
+
+    With ``launch`` asking for several processes the stages before training run here, once, and
+    the training runs under torchrun (``drip.torchrun``).
+    """
     session = Session(Path(session_folder))
     if resume:
         config = _session_config(session, overrides, require=True)
+        nproc = _processes(launch, config)
         config = _timed("configure", lambda: configure.run(session, config, check_model=False))
-        return _timed("train", lambda: train_stage.run(session, config, resume=True))
+        return _timed("train", lambda: _train(session, config, True, launch, nproc))
 
     config = Config().updated(overrides, CLI)
+    nproc = _processes(launch, config)  # a batch that does not divide fails now, not after the stages
     _check_inputs(config)
     moved = session.start_new()
     if moved:
@@ -42,24 +49,66 @@ def train(session_folder: Path, overrides: dict, resume: bool = False):
     for name in ("split", "augment", "records"):
         _timed(name, lambda: STAGE_MODULES[name].run(session, config))
     config = _timed("configure", lambda: configure.run(session, config))
-    return _timed("train", lambda: train_stage.run(session, config))
+    return _timed("train", lambda: _train(session, config, False, launch, nproc))
 
 
-def run_stage(name: str, session_folder: Path, overrides: dict, resume: bool = False):
+def run_stage(name: str, session_folder: Path, overrides: dict, resume: bool = False, launch: Launch | None = None):
     """``drip stage NAME``: one stage on the existing session, with its config plus ``overrides``."""
     session = Session(Path(session_folder))
     session.dl.mkdir(parents=True, exist_ok=True)
     config = _session_config(session, overrides, require=False)
     if name == "train":
-        return _timed(name, lambda: train_stage.run(session, config, resume=resume))
+        nproc = _processes(launch, config)
+        return _timed(name, lambda: _train(session, config, resume, launch, nproc))
     result = _timed(name, lambda: STAGE_MODULES[name].run(session, config))
     if name != "configure":
         configure.write(session, config)
     return result
 
 
-def infer(session_folder: Path, overrides: dict):
+def _processes(launch: Launch | None, config, split: bool = True) -> int:
+    """Processes on this node; for training (``split``), checks that the global batch divides
+    over all of them."""
+    if launch is None:
+        return 1
+    gpus = 0
+    if launch.nproc_per_node == "auto" and config.device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    nproc = launch.processes(gpus)
+    if split:
+        from .distributed import split_batch
+
+        split_batch(config.batch_size, nproc * launch.nnodes)
+    return nproc
+
+
+def _train(session: Session, config: Config, resume: bool, launch: Launch | None, nproc: int):
+    """The train stage in this process, or under torchrun on ``nproc`` processes per node."""
+    if launch is None or nproc * launch.nnodes == 1:
+        return train_stage.run(session, config, resume=resume)
+    from . import torchrun
+    from .training.checkpoints import set_aside_earlier_run
+
+    if not resume:
+        set_aside_earlier_run(session)  # before the ranks start writing their logs there
+    torchrun.run(launch, nproc, session.root.resolve(), session.logs_dir, resume, config.to_dict())
+    done = (session.read_state().get("stages") or {}).get("train") or {}
+    return train_stage.TrainResult(done.get("step", 0), session.model_path, done.get("images_per_sec"))
+
+
+def infer(session_folder: Path, overrides: dict, launch: Launch | None = None):
+    """``drip infer``; with ``launch`` asking for several processes, under torchrun, the images
+    shared out (``drip.results.run_groups``)."""
     config = InferConfig().updated(overrides, CLI)
+    nproc = _processes(launch, config, split=False)
+    if nproc > 1:
+        from . import torchrun
+
+        logs = Path(config.results_path) / "logs"
+        return _timed("infer", lambda: torchrun.run(launch, nproc, Path(session_folder).resolve(), logs, False,
+                                                    config.to_dict(), command="infer"))
     return _timed("infer", lambda: infer_stage.run(config, Path(session_folder)))
 
 

@@ -216,27 +216,44 @@ def run_groups(
     batch_size: int,
     predict: Predict,
     index: dict[str, Any],
+    share: Any = None,
 ) -> tuple[dict[str, Path], int, int, int]:
     """Decode each group's images, ``predict`` them ``batch_size`` at a time, write the results.
 
     ``index`` holds the model's fields of each group's ``detections.json`` (images_path, model,
     network, classes, threshold, image_size). Returns the results folder of each group and the
     counts of images, detections and images that failed to decode.
+
+    ``share`` (a ``drip.distributed.Context`` of several processes) shares the images out: rank
+    r does every world-th image of each group from the r-th, writes their files, and rank 0
+    gathers the records and writes ``detections.json`` as one process would; the counts are
+    then rank 0's of all images (the other ranks count their own).
     """
-    total = sum(len(jobs) for jobs in groups.values())
+    rank, world = (share.rank, share.world) if share is not None else (0, 1)
+    total = sum(len(jobs[rank::world]) for jobs in groups.values())
     out_dirs: dict[str, Path] = {}
     n_images = n_detections = n_failed = 0
-    with progress(total=total, desc="infer") as bar:
+    with progress(total=total, desc="infer", disable=rank != 0) as bar:
         for group, jobs in groups.items():
             out_dir = results_path / group
             out_dir.mkdir(parents=True, exist_ok=True)
             out_dirs[group] = out_dir
             records: list[dict[str, Any]] = []
             errors: list[dict[str, str]] = []
-            for batch in _decoded_batches(jobs, batch_size, errors, bar):
+            for batch in _decoded_batches(jobs[rank::world], batch_size, errors, bar):
                 for (job, image), detections in zip(batch, predict(batch)):
                     records.append(write_image_result(job, image, detections, out_dir))
                 bar.update(len(batch))
+            if share is not None:  # every rank's part, in the order one process writes them
+                parts = share.gather((records, errors))
+                if rank != 0:  # counts its own part; rank 0 writes the group's index
+                    n_images += len(records)
+                    n_detections += sum(len(r["detections"]) for r in records)
+                    n_failed += len(errors)
+                    continue
+                order = {job.rel: i for i, job in enumerate(jobs)}
+                records = sorted((r for rs, _ in parts for r in rs), key=lambda r: order[r["image"]])
+                errors = sorted((e for _, es in parts for e in es), key=lambda e: order[e["image"]])
 
             group_detections = sum(len(r["detections"]) for r in records)
             per_class: dict[str, int] = {}

@@ -379,3 +379,21 @@ def test_training_in_the_container_on_the_gpu(drip_image, workdir, user):
     assert saved["config"]["device"] == "cuda"
     assert saved["scaler"] and saved["scaler"]["scale"] > 0  # AMP ran: it runs only on CUDA
     assert owned_by(session, *user[:2]) == []
+
+
+def test_two_cpu_processes_train_under_torchrun_in_the_container(drip_image, workdir, user):
+    """The container runs torchrun itself: two CPU ranks, rank 0 writing, every rank its log."""
+    proc = starter("training_starter.py", [
+        *RUNTIME_BRIDGE, *TINY, "--nproc_per_node", "2", "--num_workers", "0",
+        "--src_json_path", "files/metadata.json", "--image_folder_path", "files/images",
+        "--class_map_path", "files/class_map.pbtxt", "--number_of_steps", "2", "--session_folder", "two procs",
+        "--tensorboard_port", "0",
+    ], workdir, user)
+    rc, out = finish(proc)
+    assert rc == 0, out[-4000:]
+    assert "2 processes x 1 images = batch 2" in out
+    assert "weights identical on all 2 ranks after step 2" in out
+    dl = workdir / "two procs" / "dl"
+    assert "rank 1 of 2" in (dl / "logs" / "rank-1.log").read_text()
+    assert (dl / "model.pt").is_file() and (dl / "checkpoints" / "step-0000002.pt").is_file()
+    assert not owned_by(workdir / "two procs", user[0], user[1])

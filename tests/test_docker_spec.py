@@ -547,3 +547,27 @@ def test_ctrl_c_waits_for_the_checkpoint_and_only_a_second_one_kills(project, mo
     assert "stopping: SIGINT sent to the container; training finishes its step, saves a checkpoint" in text
     assert "Ctrl-C again kills it now, losing every step since its last checkpoint" in text
     assert "killing the container: the checkpoint being written is lost" in text
+
+
+# -- several processes (torchrun inside the container) --------------------------------------------
+def test_train_on_four_gpus_runs_one_process_per_gpu_in_the_container(project):
+    s = spec("train", ["--gpus", "4"], project)
+    assert s.device_requests == [{"driver": "", "count": 4, "capabilities": [["gpu"]]}]
+    # drip train in the container launches torchrun itself, one process per GPU it was given.
+    assert s.command == ["drip", "train", "--session_folder", "pipeline/", "--nproc_per_node", "4"]
+    assert s.network is None  # one machine: the engine's bridge is enough
+    assert spec("train", ["--gpus", "all"], project).command == ["drip", "train", "--session_folder", "pipeline/"]
+    assert spec("train", ["--gpus", "4", "--nproc_per_node", "2"], project).command[-2:] == ["--nproc_per_node", "2"]
+
+
+def test_train_on_several_machines_takes_the_host_network(project):
+    s = spec("train", ["--device", "cpu", "--nproc_per_node", "2", "--nnodes", "2", "--node_rank", "1",
+                       "--rdzv_endpoint", "10.0.0.1:29400", "--max_restarts", "2"], project)
+    assert s.network == "host"
+    assert s.command[s.command.index("--device"):] == [
+        "--device", "cpu", "--nproc_per_node", "2", "--nnodes", "2", "--node_rank", "1",
+        "--rdzv_endpoint", "10.0.0.1:29400", "--max_restarts", "2",
+    ]
+    assert any("host's network" in n for n in s.notes)
+    with pytest.raises(DripError, match="--nnodes 2 needs the host's network.*drop --docker_network mynet"):
+        spec("train", ["--nnodes", "2", "--rdzv_endpoint", "h:1", "--docker_network", "mynet"], project)

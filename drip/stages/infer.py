@@ -57,7 +57,7 @@ from PIL import Image
 
 from ..config import InferConfig
 from ..console import info, warn
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 
 # The torch-free half of inference lives in drip.results, shared with drip.onnx_infer; the names
 # are re-exported here, where callers have always found them.
@@ -95,6 +95,12 @@ def run(config: InferConfig, session_folder: Path | Session) -> InferResult:
     from ..models import load_model, resolve_device
 
     device = resolve_device(config.device)
+    from .. import distributed
+
+    ctx = distributed.context()
+    if ctx.distributed and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
     loaded = load_model(model_path, device)
     return run_loaded(config, loaded, model_path, device, groups, annotations)
 
@@ -134,7 +140,19 @@ def run_loaded(
 
         scoring = Scoring(annotations, names, str(config.src_json_path))
 
-    trash_earlier_results(results_path, list(groups) + [METRICS, COCO_RESULTS])
+    from .. import distributed
+
+    ctx = distributed.context()  # under torchrun: the images shared over the processes
+    if ctx.distributed:
+        if scoring is not None:
+            raise ConfigError(
+                f"--src_json_path {config.src_json_path} with several processes: scoring needs every "
+                "prediction in one process; score with one (--nproc_per_node 1), or run 'drip evaluate'"
+            )
+        ctx.init(device, 30.0)
+    if ctx.is_main:
+        trash_earlier_results(results_path, list(groups) + [METRICS, COCO_RESULTS])
+    ctx.barrier()  # the earlier results are gone before any rank writes
     index = {
         "images_path": str(images_path),
         "model": str(model_path),
@@ -151,7 +169,8 @@ def run_loaded(
     with _score_floor(model, scoring, config.threshold):
         # Sliced, one image is decoded at a time and its tiles make the batches.
         out_dirs, n_images, n_detections, n_failed = run_groups(
-            groups, results_path, 1 if slicing else config.batch_size, predict, index
+            groups, results_path, 1 if slicing else config.batch_size, predict, index,
+            share=ctx if ctx.distributed else None,
         )
 
     seconds = time.perf_counter() - started

@@ -31,6 +31,7 @@ loop, the hooks, checkpoints, optimizer/schedule/EMA and the events are in ``dri
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -40,16 +41,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import console, models, report
+from .. import console, distributed, models, report
 from ..config import Config
 from ..data import RecordDataset, StepBatchSampler, read_eval_records, read_records
+from ..errors import SessionError
 from ..session import Session
 from ..training import events
 from ..training.checkpoints import (
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, check_data, check_resumable, cuda_indices, data_fingerprint,
     find_checkpoint, list_checkpoints, read_best, set_aside_earlier_run, set_rng_states,
 )
-from ..training.hooks import CheckpointHook, EvalHook, LogHook
+from ..training.hooks import CheckpointHook, EvalHook, LogHook, SyncCheckHook
 from ..training.loop import Trainer, make_loader
 from ..training.optim import EMA, build_optimizer, build_scheduler, restore_optimizer
 
@@ -68,18 +70,35 @@ class TrainResult:
 
 
 def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
-    """Train to ``config.number_of_steps``; with ``resume``, from the newest readable checkpoint."""
+    """Train to ``config.number_of_steps``; with ``resume``, from the newest readable checkpoint.
+
+    Under torchrun every rank runs this; ``writes`` (rank 0) is the one process that touches the
+    session's files and prints progress, and the others receive its checkpoint.
+    """
+    ctx = distributed.context()
     classes, shards = read_records(session)
     eval_shards = read_eval_records(session)
     num_classes = len(classes) + 1
     device = models.resolve_device(config.device)
-    found = find_checkpoint(session.checkpoints_dir) if resume else None
-    if resume and found is None:
+    if ctx.distributed and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    ctx.init(device, config.dist_timeout)
+    writes = ctx.is_main  # the one decision: only this process writes files and shows progress
+    per_rank = distributed.split_batch(config.batch_size, ctx.world)
+    if ctx.distributed and writes:
+        console.info(f"{ctx.world} processes x {per_rank} images = batch {config.batch_size}")
+    found = find_checkpoint(session.checkpoints_dir) if resume and writes else None
+    if resume and writes and found is None:
         console.info(f"no checkpoint in {session.checkpoints_dir}: training starts at step 0")
+    fingerprint = data_fingerprint(session)
+    if ctx.distributed:
+        _check_same_records(ctx, fingerprint, session)
+        found = ctx.broadcast(found)  # rank 0's checkpoint, wherever the others' files are
     checkpoint_path, checkpoint = found if found else (None, None)
-    if checkpoint is not None:
+    if checkpoint is not None and writes:
         check_resumable(checkpoint, checkpoint_path, config, classes)
-        check_data(checkpoint, checkpoint_path, data_fingerprint(session), config.allow_changed_data)
+        check_data(checkpoint, checkpoint_path, fingerprint, config.allow_changed_data)
     start_step = checkpoint["step"] if checkpoint else 0
     if config.optimizer == "auto":  # configure resolves it; a run resumed keeps its optimizer
         started_with = checkpoint.get("optimizer_name") if checkpoint else None
@@ -87,10 +106,10 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
             config, optimizer=started_with or models.resolve_optimizer("auto", config.number_of_steps)
         )
     network = checkpoint["network"] if checkpoint else models.network_name(config.network, session.cache)
-    if checkpoint is None:
-        set_aside_earlier_run(session)
-        best = None
-    else:
+    best = None
+    if checkpoint is None and not ctx.distributed:
+        set_aside_earlier_run(session)  # under torchrun the launching process did, before the ranks started
+    elif checkpoint is not None and writes:
         # Rows and a best.pt from after the checkpoint belong to steps that are trained again.
         events.drop_metrics_after(session.metrics_path, start_step)
         best = read_best(session.best_checkpoint_path)
@@ -125,48 +144,74 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
             if config.ema and checkpoint.get("ema") is not None:
                 last = copy.deepcopy(model)
                 last.load_state_dict(checkpoint["ema"])
-            _export(session, config, network, classes, last, start_step, best)
+            if writes:
+                _export(session, config, network, classes, last, start_step, best)
             return TrainResult(start_step, session.model_path, None)
 
         trainer, dataset, sampler = _trainer(config, model, network, classes, device, shards, start_step, checkpoint,
-                                             checkpoint_path, best)
+                                             checkpoint_path, best, ctx, writes)
         trainer.since_best = since_best
-        if not eval_shards:
-            console.info("no eval split (records.json lists no eval images): no evaluation; the last step's model is exported")
-        writer = events.summary_writer(session.logs_dir, start_step)
-        trainer.register(
-            LogHook(writer, config.log_every, dataset, sampler, classes),
-            EvalHook(writer, session, config, classes, eval_shards),
-            CheckpointHook(session, config, network, classes, data_fingerprint(session), checkpoint_path),
-        )
-        with writer:
+        writer = None
+        if writes:
+            if not eval_shards:
+                console.info("no eval split (records.json lists no eval images): no evaluation; the last step's model is exported")
+            writer = events.summary_writer(session.logs_dir, start_step)
+            trainer.register(
+                LogHook(writer, config.log_every, dataset, sampler, classes, mean=ctx.mean),
+                EvalHook(writer, session, config, classes, eval_shards),
+                CheckpointHook(session, config, network, classes, fingerprint, checkpoint_path),
+            )
+        else:
+            trainer.register(LogHook(None, config.log_every, mean=ctx.mean))
+        if ctx.distributed:
+            trainer.register(SyncCheckHook(ctx))
+        with writer if writer is not None else contextlib.nullcontext():
             images_per_sec = trainer.train()
         step, best = trainer.step, trainer.best
 
+    if not writes:
+        return TrainResult(step, session.model_path, images_per_sec)
     best_step, best_metrics = _export(session, config, network, classes, trainer.ema.model if trainer.ema else model,
                                       step, best)
     session.record_stage(
         "train", step=step, images_per_sec=round(images_per_sec, 2), device=str(device), network=network,
-        best_step=best_step, best_metrics=best_metrics, stopped_early=trainer.finished,
+        best_step=best_step, best_metrics=best_metrics, stopped_early=trainer.finished, processes=ctx.world,
     )
-    console.info(f"trained to step {step} at {images_per_sec:.1f} images/s on {device}; model saved to {session.model_path}")
+    where = f"{ctx.world} processes on {device.type}" if ctx.distributed else str(device)
+    console.info(f"trained to step {step} at {images_per_sec:.1f} images/s on {where}; model saved to {session.model_path}")
     report.write_after_training(session, config)
     return TrainResult(step, session.model_path, images_per_sec)
 
 
+def _check_same_records(ctx: distributed.Context, fingerprint: dict[str, Any], session: Session) -> None:
+    """Every node must train on the records rank 0 has (each may hold its own copy)."""
+    theirs = ctx.broadcast(fingerprint)
+    if theirs != fingerprint:
+        raise SessionError(
+            f"rank {ctx.rank}: the records in {session.records_dir} differ from rank 0's; every node needs the "
+            "same data and settings (same files, --seed and split flags), or a shared session folder"
+        )
+
+
 def _trainer(config: Config, model: nn.Module, network: str, classes: list[str], device: torch.device,
              shards: list[Path], start_step: int, checkpoint: dict[str, Any] | None, checkpoint_path: Path | None,
-             best: dict[str, Any] | None) -> tuple[Trainer, RecordDataset, StepBatchSampler]:
-    """The ``Trainer`` of this run (hooks not yet registered), its dataset and its sampler."""
+             best: dict[str, Any] | None, ctx: distributed.Context,
+             writes: bool) -> tuple[Trainer, RecordDataset, StepBatchSampler]:
+    """The ``Trainer`` of this run (hooks not yet registered), its dataset and its (global) sampler."""
     use_amp = bool(config.amp) and device.type == "cuda"
+    if ctx.distributed and config.sync_bn:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif writes:
+            console.info("--sync_bn needs CUDA (PyTorch's SyncBatchNorm); each CPU process keeps its own statistics")
     model.to(device)
     ema = None
-    if config.ema:
+    if config.ema and writes:  # only the writing rank evaluates and saves it
         state = checkpoint.get("ema") if checkpoint is not None else None
         updates = int(checkpoint.get("ema_updates") or 0) if state is not None else 0
         ema = EMA(model, config.ema_decay, state, updates)
     lr = config.learning_rate
-    if lr is None:
+    if lr is None:  # from the global batch: the rule does not change with the number of processes
         lr = models.default_learning_rate(network, config.batch_size, config.optimizer)
     optimizer = build_optimizer(model, config, lr)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -178,11 +223,16 @@ def _trainer(config: Config, model: nn.Module, network: str, classes: list[str],
         augmentation=config.online_augmentation,
     )
     sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step, config.number_of_steps)
-    loader = make_loader(dataset, sampler, config.num_workers, device, config.seed)
+    # Rank r reads slice r of each step's global batch: the same images per step on any world size.
+    batches = distributed.RankSlice(sampler, ctx.rank, ctx.world) if ctx.distributed else sampler
+    loader = make_loader(dataset, batches, config.num_workers, device, config.seed + ctx.rank)
+    net = None
+    if ctx.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     trainer = Trainer(
         model, optimizer, scheduler, scaler, loader, device, start_step=start_step, end=config.number_of_steps,
         batch_size=config.batch_size, grad_clip=config.grad_clip, ema=ema, use_amp=use_amp, best=best,
-        last_saved=checkpoint_path, closing=[dataset],
+        last_saved=checkpoint_path, closing=[dataset], net=net, agree=ctx.any, show_progress=writes,
     )
     return trainer, dataset, sampler
 

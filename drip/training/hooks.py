@@ -3,7 +3,9 @@
 They run in the order registered, after every step: ``LogHook`` (losses, learning rate and
 images/s to TensorBoard and the progress bar), ``EvalHook`` (scores the model on the eval split,
 appends to ``metrics.jsonl``, tracks the best evaluation), ``CheckpointHook`` (``step-*.pt`` and
-``best.pt``). Each writes files, so the stage registers them where files are written.
+``best.pt``). Each writes files: the stage registers them on the process that writes (rank 0);
+the others get a ``LogHook`` without a writer (it takes part in averaging the losses over the
+ranks) and a ``SyncCheckHook``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from .. import console, models
 from ..config import Config
 from ..evaluate import evaluate_records, summary_lines
+from ..errors import SessionError
 from ..session import Session
 from ..tiling import training_slicing
 from . import events
@@ -25,17 +28,22 @@ from .loop import HookBase
 
 
 class LogHook(HookBase):
-    """Every ``log_every`` steps (and at the end or a stop): mean losses, lr and images/s."""
+    """Every ``log_every`` steps (and at the end or a stop): mean losses, lr and images/s.
 
-    def __init__(self, writer, log_every: int, dataset=None, sampler=None, classes: list[str] = ()):
+    ``mean`` averages the summed losses over the ranks (every rank calls it at the same steps);
+    without a ``writer`` the hook only takes part in that.
+    """
+
+    def __init__(self, writer, log_every: int, dataset=None, sampler=None, classes: list[str] = (), mean=None):
         self.writer, self.log_every = writer, log_every
+        self.mean = mean or (lambda tensor: tensor)
         self.dataset, self.sampler, self.classes = dataset, sampler, list(classes)
         self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
 
     def before_train(self) -> None:
         t = self.trainer
-        if self.dataset is not None:
+        if self.writer is not None and self.dataset is not None:
             events.log_training_samples(self.writer, self.dataset, self.sampler, self.classes, t.start_step)
         self._window_start, self._excluded_at_start = time.perf_counter(), t.excluded
 
@@ -49,9 +57,12 @@ class LogHook(HookBase):
         if not (t.step % self.log_every == 0 or t.step == t.end or t.stopping):
             return
         names = list(self._sums)
-        values = (torch.stack([self._sums[n] for n in names]) / self._steps).tolist()
+        values = self.mean(torch.stack([self._sums[n] for n in names]) / self._steps).tolist()
         t.check_finite()
         now = time.perf_counter()
+        if self.writer is None:
+            self._sums, self._steps = {}, 0
+            return
         for name, value in zip(names, values):
             self.writer.add_scalar(f"loss/{name.removeprefix('loss_')}", value, t.step)
         self.writer.add_scalar("lr", t.lr, t.step)
@@ -146,3 +157,22 @@ class CheckpointHook(HookBase):
                 )
             if t.improved:
                 models.save_atomic(self.state(t.step), self.session.best_checkpoint_path)
+
+
+class SyncCheckHook(HookBase):
+    """At the end, on every rank: the weights must be the same everywhere (DDP keeps them so; a
+    difference means the ranks trained apart, and the exported model would be one of several)."""
+
+    def __init__(self, context):
+        self.context = context
+
+    def after_train(self) -> None:
+        from ..distributed import weights_digest
+
+        digests = self.context.gather(weights_digest(self.trainer.model))
+        if len(set(digests)) != 1:
+            raise SessionError(
+                f"after step {self.trainer.step} the ranks' weights differ (digests {digests}); the processes "
+                "trained apart: report this as a bug in Drip, with the ranks' logs"
+            )
+        console.info(f"weights identical on all {len(digests)} ranks after step {self.trainer.step}")

@@ -53,8 +53,15 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer, scheduler, scaler, loader, device: torch.device, *,
                  start_step: int, end: int, batch_size: int, grad_clip: float, ema=None, use_amp: bool = False,
-                 best: dict[str, Any] | None = None, last_saved: Path | None = None, closing=()):
+                 best: dict[str, Any] | None = None, last_saved: Path | None = None, closing=(), net: nn.Module | None = None,
+                 agree=None, show_progress: bool = True):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        # ``net`` runs the steps: the model, or its DistributedDataParallel wrapper. ``model`` is
+        # the bare one, for checkpoints, the EMA and evaluation.
+        self.net = net if net is not None else model
+        # ``agree(flag)`` makes a stop request every rank's at the same step (distributed.Context.any).
+        self._agree = agree or (lambda flag: flag)
+        self.show_progress = show_progress
         self.loader, self.device, self.ema = loader, device, ema
         self.start_step, self.end, self.batch_size, self.grad_clip = start_step, end, batch_size, grad_clip
         self.use_amp = use_amp
@@ -104,7 +111,7 @@ class Trainer:
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         with self._autocast():
-            losses = self.model(images, targets)
+            losses = self.net(images, targets)
         total = sum(losses.values())
         self.lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -125,11 +132,11 @@ class Trainer:
     def train(self) -> float:
         """Train to ``end``; returns images/s (the time in ``paused()`` hooks left out)."""
         first_step_done = None  # images/s is measured after the first step (worker start-up, warm-up)
-        self.model.train()
+        self.net.train()
         loop_start = time.perf_counter()
-        with StopRequest() as stop, console.progress(
-            total=self.end, initial=self.start_step, unit="step", desc="train"
-        ) as bar, contextlib.ExitStack() as closing:
+        progress = console.progress(total=self.end, initial=self.start_step, unit="step", desc="train",
+                                    disable=not self.show_progress)
+        with StopRequest() as stop, progress as bar, contextlib.ExitStack() as closing:
             for item in self.closing:
                 closing.enter_context(contextlib.closing(item))
             self.bar = bar
@@ -142,11 +149,12 @@ class Trainer:
                 bar.update(1)
                 if first_step_done is None:
                     first_step_done = (time.perf_counter(), self.step, self.excluded)
-                self.stopping = stop.requested is not None
+                self.stopping = self._agree(stop.requested is not None)
                 self.improved = False
                 for hook in self.hooks:
                     hook.after_step()
-                if self.finished:
+                if self._agree(self.finished):  # rank 0's hooks decide (--patience); every rank ends
+                    self.finished = True
                     break
                 if self.stopping:
                     raise Interrupted(

@@ -1,0 +1,257 @@
+"""Distributed training: what a torchrun worker knows about its process group, in one place.
+
+Started by ``torch.distributed.run`` (torchrun), each worker reads its place from the environment
+torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). ``context()`` is that place, and the
+decisions that follow from it live here: which process writes (``is_main``: rank 0 alone writes
+checkpoints, events, ``metrics.jsonl``, ``session.json`` and the model, and shows the progress
+bar), how the global batch is split (``split_batch``: ``--batch_size`` is the global batch, each
+rank takes ``batch_size / world`` images, Ultralytics' rule), and which part of a step's batch a
+rank reads (``RankSlice``: rank r takes the r-th slice of the batch ``StepBatchSampler`` gives
+for the step, so a run on any number of processes sees the same images at the same step).
+
+Without torchrun (``WORLD_SIZE`` unset or 1) the context is a single process and every
+collective is a no-op: the single-process path is the same code.
+
+``python -m drip.distributed --session_folder PATH [--resume]`` is the worker's entry point: its
+output goes to ``dl/logs/rank-N.log``, it joins the group with ``--dist_timeout`` as the timeout
+of every collective (a dead or hung peer ends the run instead of hanging it), and runs the train
+stage on the session the launching process prepared, with the config it resolved
+(``DRIP_TRAIN_CONFIG``). After an elastic restart
+(``TORCHELASTIC_RESTART_COUNT`` > 0) it resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ConfigError, DistributedError
+
+CONFIG_ENV = "DRIP_TRAIN_CONFIG"  # the resolved config, as JSON, from the launching process
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    _control: Any = None  # a gloo group for flags (stop requests): no GPU sync per step
+
+    @property
+    def is_main(self) -> bool:
+        """The one process that writes files and prints progress."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def init(self, device, timeout_minutes: float) -> None:
+        """Join the process group (NCCL on CUDA, gloo on the CPU); idempotent."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return
+        timeout = datetime.timedelta(minutes=float(timeout_minutes))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+        self._control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (a stop request must stop all at one step)."""
+        if not self.distributed:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
+        return bool(t.item())
+
+    def mean(self, tensor):
+        """The mean of ``tensor`` over the ranks (in place on a copy); the tensor itself alone."""
+        if not self.distributed:
+            return tensor
+        import torch.distributed as dist
+
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / self.world
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (pickled; tensors travel on the CPU)."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self._control)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self._control)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier(group=self._control)
+
+    def close(self) -> None:
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_CONTEXT: Context | None = None
+
+
+def context() -> Context:
+    """This process's place in the group, read once from torchrun's environment."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        # LOCAL_RANK too: torchrun sets it, while a cluster (a PyTorchJob) may set WORLD_SIZE and
+        # RANK for the machines around the launching process, which is no rank itself.
+        if world > 1 and "LOCAL_RANK" in os.environ:
+            _CONTEXT = Context(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            _CONTEXT = Context()
+    return _CONTEXT
+
+
+def split_batch(batch_size: int, world: int) -> int:
+    """Images per rank of the global ``batch_size``; refuses one that does not divide."""
+    if batch_size % world:
+        lower, upper = (batch_size // world) * world, (batch_size // world + 1) * world
+        options = f"--batch_size {lower} or {upper}" if lower else f"--batch_size {upper}"
+        raise ConfigError(
+            f"--batch_size {batch_size} does not divide over {world} processes (it is the global batch, "
+            f"split evenly over them): use {options}"
+        )
+    return batch_size // world
+
+
+class RankSlice:
+    """Rank ``rank``'s share of each batch of ``sampler`` (a ``StepBatchSampler``): slice r of w.
+
+    The global batch of a step stays a function of the step alone; the slices of all ranks
+    together are that batch, in order.
+    """
+
+    def __init__(self, sampler, rank: int, world: int):
+        self.sampler, self.rank, self.world = sampler, rank, world
+        self.per_rank = split_batch(sampler.batch_size, world)
+
+    def __iter__(self) -> Iterator[list]:
+        lo = self.rank * self.per_rank
+        for batch in self.sampler:
+            yield batch[lo:lo + self.per_rank]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def weights_digest(model) -> float:
+    """A number that differs when any parameter differs (the rank-to-rank sync check).
+
+    Parameters only: DDP keeps those equal. Batch-norm running statistics (not frozen ones) are
+    each rank's own after its last step; rank 0's are the ones saved.
+    """
+    import torch
+
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for i, param in enumerate(model.parameters()):
+            # Position-weighted, so swapped values do not cancel out.
+            flat = param.detach().double().flatten().cpu()
+            total += (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum() * (i + 1)
+    return float(total)
+
+
+# -- the worker -------------------------------------------------------------------------------
+def redirect_output(log: Path) -> None:
+    """Send this process's stdout and stderr (Python's and the C libraries') to ``log``, appended."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m drip.distributed", description="A torchrun worker of drip.")
+    p.add_argument("--command", choices=("train", "infer"), default="train")
+    p.add_argument("--session_folder", required=True)
+    p.add_argument("--logs_dir", help="where rank-N.log goes (default: the session's dl/logs)")
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    from . import cli, console
+    from .session import Session
+
+    ctx = context()
+    session = Session(Path(args.session_folder))
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    redirect_output(Path(args.logs_dir or session.logs_dir) / f"rank-{ctx.rank}.log")
+    host = os.uname().nodename
+    console.info(
+        f"rank {ctx.rank} of {ctx.world} (local rank {ctx.local_rank}) on {host}, pid {os.getpid()}"
+        + (f", restart {restart}" if restart else "")
+    )
+
+    def run() -> int:
+        from .config import Config, InferConfig
+        from .stages import infer, train
+
+        # The launching process resolved the config (session file, flags, configure) and hands it
+        # over whole: flags that are never kept in pipeline.config must reach the ranks too.
+        values = json.loads(os.environ[CONFIG_ENV])
+        try:
+            if args.command == "infer":
+                infer.run(InferConfig().updated(values, "the launching process"), session)
+            else:
+                train.run(session, Config().updated(values, "the launching process"), resume=args.resume or restart > 0)
+        except RuntimeError as exc:  # a collective that timed out or lost its peer
+            text = str(exc).lower()
+            if "timed out" in text or "timeout" in text:
+                raise DistributedError(
+                    f"rank {ctx.rank} on {host}: a collective operation timed out: another rank is dead or hung "
+                    "(see the other ranks' logs), or rank 0 paused longer than --dist_timeout; raise it if so"
+                ) from None
+            if "connection" in text or "peer" in text:
+                raise DistributedError(
+                    f"rank {ctx.rank} on {host}: lost the connection to another rank (it died, or its node went "
+                    "away); see the other ranks' logs"
+                ) from None
+            raise
+        finally:
+            context().close()
+        return 0
+
+    return cli.guarded(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
