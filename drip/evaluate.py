@@ -7,7 +7,7 @@ class and the precision-recall curve of each class at IoU 0.5. Small, medium and
 judged on the box area in pixels of the *original* image, as COCO does, not the resized one.
 
 ``predict`` runs a model the way ``drip infer`` does (the same resizing, forward pass and
-scaling back, imported from ``drip.stages.infer``) so evaluation and inference cannot drift
+scaling back: ``drip.detectors.forward_batch`` and ``scale_boxes``) so evaluation and inference cannot drift
 apart, with the model's score floor lowered to ``EVAL_SCORE_FLOOR``: AP integrates the whole
 precision-recall curve and a floor of 0.05 would cut its low-score tail.
 
@@ -44,11 +44,8 @@ from PIL import Image
 
 from .console import info, progress, warn
 from .errors import InputError, SessionError
-from .stages.infer import _fit_model_input, forward_batch, scale_boxes
+from .detectors import EVAL_SCORE_FLOOR, evaluation_mode, forward_batch, scale_boxes  # noqa: F401
 
-# The torchvision builders drop detections scoring under 0.05; 0.001 is the floor detection
-# benchmarks score mAP at. The detectors still keep their best 100 per image (COCO's maxDets).
-EVAL_SCORE_FLOOR = 0.001
 
 # pycocotools' ``COCOeval.stats``, in its order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -349,40 +346,6 @@ def _recall_thresholds() -> list[float]:
 
 
 # -- running a model ----------------------------------------------------------------------------
-@contextlib.contextmanager
-def evaluation_mode(
-    model: torch.nn.Module, image_size: int | None = None, score_floor: float = EVAL_SCORE_FLOOR
-) -> Iterator[torch.nn.Module]:
-    """``model`` in eval mode with its score floor at ``score_floor`` (and its input size at
-    ``image_size``), everything put back afterwards: the training loop goes on with it.
-
-    The floor is where torchvision keeps it: ``roi_heads.score_thresh`` (Faster R-CNN) or
-    ``score_thresh`` (RetinaNet, FCOS, SSD). The RPN's own ``score_thresh`` is left alone.
-    """
-    holders = [m for m in (model, getattr(model, "roi_heads", None)) if m is not None and hasattr(m, "score_thresh")]
-    saved_floors = [(m, m.score_thresh) for m in holders]
-    transform = getattr(model, "transform", None)
-    saved_sizes = None
-    if transform is not None:
-        saved_sizes = (transform.min_size, transform.max_size, getattr(transform, "fixed_size", None))
-    was_training = model.training
-    try:
-        for m in holders:
-            m.score_thresh = min(float(m.score_thresh), score_floor)
-        model.eval()
-        if image_size:
-            _fit_model_input(model, int(image_size))
-        yield model
-    finally:
-        for m, value in saved_floors:
-            m.score_thresh = value
-        if saved_sizes is not None:
-            transform.min_size, transform.max_size = saved_sizes[0], saved_sizes[1]
-            if saved_sizes[2] is not None:
-                transform.fixed_size = saved_sizes[2]
-        model.train(was_training)
-
-
 def detections_from_output(
     image_id: Hashable, output: dict[str, torch.Tensor], size: tuple[int, int], resized: tuple[int, int]
 ) -> ImageDetections:
@@ -650,7 +613,7 @@ def evaluate_annotations(config, session_folder: Path) -> EvaluateResult:
     from .annotations import load_for_scoring
     from .images import open_rgb
     from .models import load_model, resolve_device
-    from .stages.infer import resolve_model_path
+    from .results import resolve_model_path
 
     started = time.perf_counter()
     model_path = resolve_model_path(config.model, Path(session_folder))
@@ -769,3 +732,49 @@ def summary_lines(metrics: Metrics) -> list[str]:
             objects = metrics.per_class_objects.get(name, 0)
             lines.append(f"  {name:<{width}}  {objects:>7}  {show(ap)}  {show(metrics.per_class_ap50.get(name))}")
     return lines
+
+
+def write_scores(scoring: "Scoring", results_path: Path, config, model_path: Path, loaded: Any, size: int) -> Metrics | None:
+    """Write what ``drip infer --src_json_path`` scored: ``metrics.json`` (and ``coco_results.json``
+    for COCO annotations) at the top of ``results_path``; both runtimes' inference call it."""
+    from .results import COCO_RESULTS, METRICS
+    from .session import write_json
+
+    missing = scoring.missing()
+    if missing:
+        warn(
+            f"--src_json_path {config.src_json_path}: {len(missing)} annotated images were not "
+            f"scored (not under --images_path or unreadable), e.g. {missing[0]!r}"
+        )
+    if not scoring.truths:
+        warn(
+            f"--src_json_path {config.src_json_path}: none of its images is under --images_path "
+            f"{config.images_path}; no metrics written (its image paths must be relative to that folder)"
+        )
+        return None
+    metrics = scoring.metrics()
+    found = found_at_threshold(scoring.truths, scoring.detections, config.threshold / 100.0)
+    write_json(
+        results_path / METRICS,
+        metrics_report(
+            metrics,
+            model=str(model_path),
+            network=getattr(loaded, "network", None),
+            image_size=size,
+            images_path=str(config.images_path),
+            annotations=str(config.src_json_path),
+            annotation_format=scoring.annotations.format,
+            dropped_boxes=scoring.dropped_boxes,
+            not_scored=missing,
+            at_threshold=found.to_json(),
+        ),
+    )
+    rows = scoring.coco_results()
+    if rows is not None:
+        write_json(results_path / COCO_RESULTS, rows)
+    for line in summary_lines(metrics):
+        info(line)
+    also = f" and {results_path / COCO_RESULTS}" if rows is not None else ""
+    info(f"infer: metrics against {config.src_json_path} in {results_path / METRICS}{also}")
+    info(found.line())
+    return metrics

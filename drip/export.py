@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from . import detectors
 from .errors import ConfigError, ModelError
 from .models import LoadedModel, load_model
 
@@ -135,13 +136,13 @@ def _export_onnx(loaded: LoadedModel, size: int, path: Path, source: Path) -> No
         ) from None
     model = loaded.model
     example = _example_input(size)
-    with _exporting(model, size), _traceable_box_resize():
+    with _exporting(model, size), detectors.onnx_export(model) as traced:
         with torch.inference_mode():
-            output_names = list(model([example])[0])
+            output_names = list(traced([example])[0])
         axes = {"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in output_names}}
         try:
             torch.onnx.export(
-                model,
+                traced,
                 ([example],),
                 str(path),
                 dynamo=False,
@@ -175,40 +176,6 @@ def _example_input(size: int) -> torch.Tensor:
     return torch.rand(3, max(1, round(size * 3 / 4)), size, generator=generator)
 
 
-@contextlib.contextmanager
-def _traceable_box_resize():
-    """Keep the image sizes in the box rescaling of an ONNX export as values of the graph.
-
-    torchvision's ``resize_boxes`` (used to map boxes from the detector's internal size back
-    to its input) passes the sizes through ``torch.tensor``, which the tracer records as
-    constants: every image would be rescaled by the example image's ratio. SSD, which stretches
-    every image to a square, would misplace the boxes of any other aspect ratio. Same arithmetic,
-    kept in the graph.
-    """
-    from torchvision.models.detection import transform
-
-    original = transform.resize_boxes
-
-    def resize_boxes(boxes: torch.Tensor, original_size, new_size) -> torch.Tensor:
-        ratio_height, ratio_width = (
-            _as_float(s, boxes) / _as_float(s_orig, boxes) for s, s_orig in zip(new_size, original_size)
-        )
-        xmin, ymin, xmax, ymax = boxes.unbind(1)
-        return torch.stack((xmin * ratio_width, ymin * ratio_height, xmax * ratio_width, ymax * ratio_height), dim=1)
-
-    transform.resize_boxes = resize_boxes
-    try:
-        yield
-    finally:
-        transform.resize_boxes = original
-
-
-def _as_float(value: Any, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):  # a traced size
-        return value.to(dtype=torch.float32, device=like.device)
-    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
-
-
 # -- TorchScript ------------------------------------------------------------------------------
 def _export_torchscript(loaded: LoadedModel, size: int, path: Path, source: Path) -> None:
     model = loaded.model
@@ -238,9 +205,7 @@ def _exporting(model: torch.nn.Module, size: int):
     The legacy exporter and the tracer warn about every Python value they bake into the graph;
     for these models those are the sizes and thresholds meant to be constants.
     """
-    from .evaluate import evaluation_mode
-
-    with evaluation_mode(model, image_size=size, score_floor=SCORE_FLOOR), warnings.catch_warnings():
+    with detectors.evaluation_mode(model, image_size=size, score_floor=SCORE_FLOOR), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
 

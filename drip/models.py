@@ -1,29 +1,26 @@
 """The detectors Drip trains, how they are built from a starting point, and the model file.
 
-``NETWORKS`` is a plain dict of torchvision detection builders with what Drip needs to know about
-each: the family, the tuned learning rate (per image, so it scales with the batch), the COCO and
-ImageNet weights, and which sub-module is the class-specific head to re-size for a label map.
+The networks and how to run them belong to ``drip.detectors`` (the contract, with one adapter per
+family); this module turns the user's choice (``--network``, ``--weights``) into a built network
+through it, and reads and writes the model file.
 
 ``build_model`` makes a network ready to train from ``coco`` (the whole detector pretrained on
-COCO, downloaded by torchvision into the session's cache), ``imagenet`` (backbone only), ``none``
-(from scratch) or a state_dict file, or continues from a model file exported by Drip.
+COCO, downloaded into the session's cache), ``imagenet`` (backbone only), ``none`` (from scratch)
+or a weights file, or continues from a model file exported by Drip.
 
 The model file (``model.pt``) holds plain types and tensors only and is read with
 ``torch.load(weights_only=True)``: loading a model never runs code from the file. Alongside the
 weights it records what is needed to rebuild the network offline: the architecture name, the class
-names, the image size, the training config and which layers torchvision froze for the starting
-point (frozen BatchNorm and frozen parameters), so a model trained from COCO weights is rebuilt
-without downloading them again.
+names, the image size, the training config and what the family needs to rebuild it (for
+torchvision: which layers it froze for the starting point), so a model trained from COCO weights
+is rebuilt without downloading them again.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import difflib
 import errno
 import hashlib
-import math
 import os
 import pickle
 import re
@@ -33,100 +30,20 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
-from torchvision.models import detection as tvd
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import console
+from . import console, detectors
+from .detectors.base import load_matching  # noqa: F401  (re-exported: callers find it here)
+from .detectors.tv import NETWORKS, NetworkSpec, freeze_norms  # noqa: F401  (torchvision's registry)
 from .errors import ConfigError, ModelError, SessionError
 
 MODEL_FORMAT = "drip-model"
 MODEL_VERSION = 1
-START_POINTS = ("coco", "imagenet", "none")
-
-# Learning rates from torchvision's references/detection (README.md and train.py), expressed per
-# image because the reference recipes ran on 8 GPUs: train.py's default --lr 0.02 is "for 8 GPUs
-# and 2 images per GPU" (Faster R-CNN recipes); RetinaNet and FCOS use --lr 0.01 at the same
-# 16 images; SSDlite uses --lr 0.15 with --batch-size 24 per GPU on 8 GPUs (192 images).
-_FASTER_RCNN_LR = 0.02 / 16
-_RETINANET_LR = 0.01 / 16
-_FCOS_LR = 0.01 / 16
-_SSDLITE_LR = 0.15 / (8 * 24)
-# AdamW has no torchvision detection recipe. 1.4e-3 at Drip's default batch of 4 is the rate
-# Ultralytics' auto optimizer fits for a few classes (0.002 * 5 / (4 + classes)); bench/recipe.py
-# measured it against 3e-3 (training collapsed) on the CPU. Scaled by the square root of the
-# batch, the usual rule for Adam-type optimizers.
-_ADAMW_LR_AT_4 = 1.4e-3
-
-
-@dataclass(frozen=True)
-class NetworkSpec:
-    """What Drip knows about one torchvision detector."""
-
-    builder: Callable[..., nn.Module]
-    family: str  # "fasterrcnn", "retinanet", "fcos" or "ssd"
-    coco: Any  # torchvision weights enum member of the whole detector
-    backbone: Any  # torchvision weights enum member of the ImageNet backbone
-    lr_per_image: float  # SGD learning rate for one image; lr = lr_per_image * batch_size
-    head: str  # dotted path of the class-specific sub-module, replaced for a new class count
-    # torchvision swaps the backbone's BatchNorm for FrozenBatchNorm2d when it starts from
-    # pretrained weights: batches of a few images would wreck the pretrained statistics.
-    freezes_norm: bool
-    # Whether the network resizes every image to a fixed square (SSD) rather than keeping the
-    # aspect ratio (R-CNN, RetinaNet, FCOS); either way ``image_size`` sets the size.
-    fixed_size: bool
-    about: str
-
-
-NETWORKS: dict[str, NetworkSpec] = {
-    "fasterrcnn_mobilenet_v3_large_fpn": NetworkSpec(
-        tvd.fasterrcnn_mobilenet_v3_large_fpn, "fasterrcnn",
-        tvd.FasterRCNN_MobileNet_V3_Large_FPN_Weights.DEFAULT, MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-        _FASTER_RCNN_LR, "roi_heads.box_predictor", True, False,
-        "Faster R-CNN, MobileNetV3-Large FPN: fast on a CPU, good on a GPU (COCO box AP 32.8)",
-    ),
-    "fasterrcnn_mobilenet_v3_large_320_fpn": NetworkSpec(
-        tvd.fasterrcnn_mobilenet_v3_large_320_fpn, "fasterrcnn",
-        tvd.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.DEFAULT, MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-        _FASTER_RCNN_LR, "roi_heads.box_predictor", True, False,
-        "Faster R-CNN, MobileNetV3-Large FPN tuned for 320 px: the fastest (COCO box AP 22.8)",
-    ),
-    "fasterrcnn_resnet50_fpn": NetworkSpec(
-        tvd.fasterrcnn_resnet50_fpn, "fasterrcnn",
-        tvd.FasterRCNN_ResNet50_FPN_Weights.DEFAULT, ResNet50_Weights.IMAGENET1K_V1,
-        _FASTER_RCNN_LR, "roi_heads.box_predictor", True, False,
-        "Faster R-CNN, ResNet-50 FPN: the classic baseline (COCO box AP 37.0)",
-    ),
-    "fasterrcnn_resnet50_fpn_v2": NetworkSpec(
-        tvd.fasterrcnn_resnet50_fpn_v2, "fasterrcnn",
-        tvd.FasterRCNN_ResNet50_FPN_V2_Weights.DEFAULT, ResNet50_Weights.IMAGENET1K_V1,
-        _FASTER_RCNN_LR, "roi_heads.box_predictor", False, False,
-        "Faster R-CNN v2, ResNet-50 FPN: the most accurate, wants a GPU (COCO box AP 46.7)",
-    ),
-    "retinanet_resnet50_fpn_v2": NetworkSpec(
-        tvd.retinanet_resnet50_fpn_v2, "retinanet",
-        tvd.RetinaNet_ResNet50_FPN_V2_Weights.DEFAULT, ResNet50_Weights.IMAGENET1K_V1,
-        _RETINANET_LR, "head.classification_head", False, False,
-        "RetinaNet v2, ResNet-50 FPN: one-stage (COCO box AP 41.5)",
-    ),
-    "fcos_resnet50_fpn": NetworkSpec(
-        tvd.fcos_resnet50_fpn, "fcos",
-        tvd.FCOS_ResNet50_FPN_Weights.DEFAULT, ResNet50_Weights.IMAGENET1K_V1,
-        _FCOS_LR, "head.classification_head", True, False,
-        "FCOS, ResNet-50 FPN: one-stage, anchor-free (COCO box AP 39.2)",
-    ),
-    "ssdlite320_mobilenet_v3_large": NetworkSpec(
-        tvd.ssdlite320_mobilenet_v3_large, "ssd",
-        tvd.SSDLite320_MobileNet_V3_Large_Weights.DEFAULT, MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-        _SSDLITE_LR, "head.classification_head", False, True,
-        "SSDlite, MobileNetV3-Large: square input, made for 320 px and phones (COCO box AP 21.3)",
-    ),
-}
+START_POINTS = ("coco", "imagenet", "objects365", "none")
 
 
 @dataclass
@@ -141,26 +58,13 @@ class LoadedModel:
 
 
 # -- lookups ----------------------------------------------------------------------------------
-def get_spec(network: str) -> NetworkSpec:
-    """The registry entry for ``network``; a ModelError listing the known ones if it has none."""
-    spec = NETWORKS.get(str(network).strip().lower())
-    if spec is not None:
-        return spec
-    close = difflib.get_close_matches(str(network).strip().lower(), list(NETWORKS), n=1, cutoff=0.4)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ModelError(
-        f"--network {network!r} is not a network Drip knows; {hint}available: "
-        f"{', '.join(NETWORKS)} (or the path of a model file exported by Drip)"
-    )
-
-
 def model_file(network: str, cache_dir: Path | None = None) -> Path | None:
     """The model file that ``--network`` names, or None when it names a registry network.
 
     A ``.zip`` archive holding the model file is unpacked (see ``extract_model_archive``) into
     ``cache_dir/archives/`` (a private temporary folder without one).
     """
-    if str(network).strip().lower() in NETWORKS:
+    if str(network).strip().lower() in detectors.network_names():
         return None
     path = Path(network).expanduser()
     if path.is_file():
@@ -168,7 +72,7 @@ def model_file(network: str, cache_dir: Path | None = None) -> Path | None:
     if "/" in str(network) or "\\" in str(network) or path.suffix.lower() in (".pt", ".pth", ".zip"):
         raise ModelError(
             f"--network {network}: no such model file; check the path, or give a network name "
-            f"({', '.join(NETWORKS)})"
+            f"({', '.join(detectors.network_names())})"
         )
     return None
 
@@ -177,7 +81,7 @@ def network_name(network: str, cache_dir: Path | None = None) -> str:
     """The architecture behind ``--network``: the name itself, or the one a model file records."""
     path = model_file(network, cache_dir)
     if path is None:
-        get_spec(network)
+        detectors.family(network)
         return str(network).strip().lower()
     return read_model_file(path, "--network")["network"]
 
@@ -186,18 +90,21 @@ def network_name(network: str, cache_dir: Path | None = None) -> str:
 AUTO_ADAMW_MAX_STEPS = 10_000
 
 
-def resolve_optimizer(name: str, number_of_steps: int) -> str:
-    """``sgd`` or ``adamw``: ``name`` itself, or what ``auto`` picks for a run this long."""
+def resolve_optimizer(name: str, number_of_steps: int, network: str | None = None) -> str:
+    """``sgd`` or ``adamw``: ``name`` itself, or what ``auto`` picks for a run this long (and for
+    ``network``, whose family may insist on one)."""
     if name != "auto":
         return name
+    if network is not None:
+        chosen = detectors.default_optimizer(network_name(network), number_of_steps)
+        if chosen is not None:
+            return chosen
     return "adamw" if number_of_steps <= AUTO_ADAMW_MAX_STEPS else "sgd"
 
 
 def default_learning_rate(network: str, batch_size: int, optimizer: str = "sgd") -> float:
     """The tuned peak learning rate of ``network`` for ``batch_size`` images a step."""
-    if optimizer == "adamw":
-        return _ADAMW_LR_AT_4 * math.sqrt(batch_size / 4)
-    return get_spec(network_name(network)).lr_per_image * batch_size
+    return detectors.default_learning_rate(network_name(network), batch_size, optimizer)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -231,108 +138,49 @@ def build_model(
     weights: str = "none",
     image_size: int = 640,
     cache_dir: Path | None = None,
+    classes: list[str] | None = None,
 ) -> nn.Module:
-    """A detector for ``num_classes`` classes (background included: label-map size + 1).
+    """A detector for ``num_classes`` classes (background included: label-map size + 1), whose
+    names (id 1 first) are ``classes`` where given (the families that keep names use them).
 
     ``network`` is a registry name or a Drip model file (its architecture and weights are the
-    start point; ``weights`` is then ignored). ``weights`` is ``coco``, ``imagenet``, ``none`` or
-    the path of a state_dict file. COCO and ImageNet weights are downloaded by torchvision into
-    ``cache_dir/hub`` (kept between sessions).
+    start point; ``weights`` is then ignored). ``weights`` is ``coco``, ``imagenet``,
+    ``objects365``, ``none`` (what the network's family offers) or the path of a weights file.
+    Pretrained weights are downloaded into ``cache_dir`` (kept between sessions).
     """
     if num_classes < 2:
         raise ModelError(f"num_classes={num_classes}: a detector needs the background and at least one class")
     path = model_file(network, cache_dir)
     if path is not None:
-        model = _from_model_file(path, num_classes)
+        model = _from_model_file(path, num_classes, classes)
     else:
         name = str(network).strip().lower()
-        spec = get_spec(name)
+        offered = detectors.family(name).start_points
         start = str(weights).strip()
-        if start.lower() in ("coco", "imagenet"):
-            model = _pretrained(spec, name, num_classes, start.lower(), cache_dir)
-        elif start.lower() == "none":
-            model = _skeleton(spec, num_classes)
+        if start.lower() in START_POINTS:
+            model = detectors.build(name, num_classes, start.lower(), cache_dir, classes)
         else:
-            model = _from_state_dict(spec, name, num_classes, Path(start).expanduser(), cache_dir)
+            where = Path(start).expanduser()
+            if not where.exists():
+                raise ModelError(
+                    f"--weights {where}: not one of {', '.join(offered)} and no such file; check the path"
+                )
+            model = detectors.from_weights_file(name, num_classes, where, cache_dir, f"--weights {where}", classes)
     set_image_size(model, image_size)
     return model
 
 
 def set_image_size(model: nn.Module, image_size: int) -> None:
-    """Make the detector's own transform keep images whose longer side is ``image_size``.
-
-    torchvision resizes every input again to ``min_size``/``max_size``; set to the size the data
-    is already resized to, that step keeps the image as it is. SSD's fixed square follows too:
-    its default boxes are relative to the image, so another size works without retraining anchors.
-    """
-    transform = model.transform
-    transform.min_size = (int(image_size),)
-    transform.max_size = int(image_size)
-    if getattr(transform, "fixed_size", None) is not None:
-        transform.fixed_size = (int(image_size), int(image_size))
+    """Make the detector take images whose longer side is ``image_size`` as they are
+    (``drip.detectors.set_input_size``)."""
+    detectors.set_input_size(model, image_size)
 
 
-def _skeleton(spec: NetworkSpec, num_classes: int) -> nn.Module:
-    return spec.builder(weights=None, weights_backbone=None, num_classes=num_classes)
-
-
-def _pretrained(spec: NetworkSpec, name: str, num_classes: int, start: str, cache_dir: Path | None) -> nn.Module:
-    if start == "imagenet" and spec.family == "ssd":
-        # With an ImageNet backbone torchvision builds SSDlite's full MobileNet tail, without it
-        # the reduced one; Drip could not rebuild that model offline for inference.
-        raise ModelError(
-            f"--weights imagenet is not offered for {name}; use --weights coco (recommended) or none"
-        )
-    if start == "coco":
-        kwargs = {"weights": spec.coco, "weights_backbone": None}
-        what = "COCO"
-    else:
-        kwargs = {"weights": None, "weights_backbone": spec.backbone, "num_classes": num_classes}
-        what = "ImageNet"
-    try:
-        with _hub_dir(cache_dir):
-            model = spec.builder(**kwargs)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a hash mismatch a RuntimeError
-        where = f" into {Path(cache_dir) / 'hub'}" if cache_dir is not None else ""
-        raise ModelError(
-            f"could not download {what} weights for {name}{where} ({_first_line(exc)}); check the "
-            "network, or pass --weights none to train from scratch, or --weights PATH to a state_dict file"
-        ) from None
-    if start == "coco":
-        _replace_head(model, spec, num_classes)
-    return model
-
-
-@contextlib.contextmanager
-def _hub_dir(cache_dir: Path | None) -> Iterator[None]:
-    """Point torchvision's downloads at ``cache_dir/hub`` (as TORCH_HOME=cache_dir would), then back."""
-    if cache_dir is None:
-        yield
-        return
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(Path(cache_dir) / "hub"))
-    try:
-        yield
-    finally:
-        torch.hub.set_dir(previous)
-
-
-def _replace_head(model: nn.Module, spec: NetworkSpec, num_classes: int) -> None:
-    """Give ``model`` a freshly initialised class head for ``num_classes``.
-
-    The head comes from the same builder, so it has torchvision's own layout and initialisation
-    (e.g. RetinaNet's prior-probability bias) for every family.
-    """
-    fresh = _skeleton(spec, num_classes)
-    parent_path, _, attr = spec.head.rpartition(".")
-    setattr(model.get_submodule(parent_path), attr, fresh.get_submodule(spec.head))
-
-
-def _from_state_dict(spec: NetworkSpec, name: str, num_classes: int, path: Path, cache_dir: Path | None = None) -> nn.Module:
+def read_state_file(path: Path, cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict in a ``--weights`` file (or a .zip holding one), read without running code."""
+    path = Path(path)
     if not path.is_file():
-        raise ModelError(
-            f"--weights {path}: not one of {', '.join(START_POINTS)} and no such file; check the path"
-        )
+        raise ModelError(f"--weights {path}: a folder, not a weights file; give the state_dict file inside it")
     loaded = torch_load(unpack_if_archive(path, "--weights", cache_dir), "--weights")
     if isinstance(loaded, dict) and loaded.get("format") == MODEL_FORMAT:
         raise ModelError(f"--weights {path}: this is a model exported by Drip; pass it as --network {path} instead")
@@ -342,13 +190,7 @@ def _from_state_dict(spec: NetworkSpec, name: str, num_classes: int, path: Path,
             f"--weights {path}: not a state_dict (a dict of tensors); save one with "
             "torch.save(model.state_dict(), path)"
         )
-    model = _skeleton(spec, num_classes)
-    if spec.freezes_norm:
-        # A state_dict file is pretrained weights: keep its BatchNorm statistics as torchvision
-        # does for its own pretrained starting points.
-        freeze_norms(model.backbone.body)
-    load_matching(model, state, f"--weights {path}", name)
-    return model
+    return state
 
 
 def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -365,37 +207,11 @@ def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str, network: str) -> None:
-    """Load the tensors of ``state`` that fit ``model``; report the ones skipped (the class head)."""
-    own = model.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    if not fits:
-        raise ModelError(
-            f"{source}: none of its {len(state)} tensors fit {network}; is it the state_dict of "
-            "another network? pass that network as --network"
-        )
-    model.load_state_dict(fits, strict=False)
-    counter = "num_batches_tracked"  # BatchNorm bookkeeping, absent from frozen norms: not a weight
-    skipped = [k for k in state if k in own and k not in fits]
-    missing = [k for k in own if k not in state and not k.endswith(counter)]
-    unused = [k for k in state if k not in own and not k.endswith(counter)]
-    if skipped:
-        console.info(
-            f"{source}: skipped {len(skipped)} tensors whose shape differs here, so they start "
-            f"fresh (the class head when the class count differs): {_names(skipped)}"
-        )
-    if missing:
-        console.info(f"{source}: {len(missing)} tensors of {network} are not in the file and start fresh: {_names(missing)}")
-    if unused:
-        console.info(f"{source}: {len(unused)} tensors in the file are not part of {network}: {_names(unused)}")
-
-
-def _from_model_file(path: Path, num_classes: int) -> nn.Module:
+def _from_model_file(path: Path, num_classes: int, classes: list[str] | None = None) -> nn.Module:
     meta = read_model_file(path, "--network")
-    spec = get_spec(meta["network"])
     model = restore(meta["network"], meta["num_classes"], meta["structure"], meta["state_dict"], f"--network {path}")
     if meta["num_classes"] != num_classes:
-        _replace_head(model, spec, num_classes)
+        detectors.replace_head(model, meta["network"], num_classes, classes)
         console.info(
             f"--network {path}: trained for {meta['num_classes'] - 1} classes, this session has "
             f"{num_classes - 1}: the class head starts fresh, the rest continues"
@@ -403,67 +219,27 @@ def _from_model_file(path: Path, num_classes: int) -> nn.Module:
     return model
 
 
-# -- structure: what torchvision froze for the starting point ---------------------------------
 def structure_of(model: nn.Module) -> dict[str, Any]:
-    """The frozen norms and frozen parameters of ``model``, as plain types."""
-    return {
-        "frozen_norms": {name: float(m.eps) for name, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)},
-        "frozen_params": [name for name, p in model.named_parameters() if not p.requires_grad],
-    }
+    """What rebuilding ``model`` needs beyond its weights (torchvision: frozen norms and
+    parameters), as plain types."""
+    return detectors.structure_of(model)
 
 
 def apply_structure(model: nn.Module, structure: dict[str, Any], source: str) -> None:
-    """Freeze the norms and parameters ``structure_of`` recorded, on a freshly built network."""
-    for name, eps in structure.get("frozen_norms", {}).items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ModelError(
-                f"{source}: layer {name!r} does not exist in this torchvision's network; use the "
-                f"torchvision version the model was trained with"
-            ) from None
-        if isinstance(module, nn.BatchNorm2d):
-            parent_path, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_path), attr, _frozen(module, eps))
-    frozen = set(structure.get("frozen_params", []))
-    for name, param in model.named_parameters():
-        param.requires_grad_(name not in frozen)
-
-
-def freeze_norms(module: nn.Module) -> None:
-    """Replace every BatchNorm2d under ``module`` by a FrozenBatchNorm2d with the same statistics."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, _frozen(child, child.eps))
-        else:
-            freeze_norms(child)
-
-
-def _frozen(bn: nn.BatchNorm2d, eps: float) -> FrozenBatchNorm2d:
-    frozen = FrozenBatchNorm2d(bn.num_features, eps=eps)
-    with torch.no_grad():
-        if bn.affine:
-            frozen.weight.copy_(bn.weight)
-            frozen.bias.copy_(bn.bias)
-        if bn.running_mean is not None:
-            frozen.running_mean.copy_(bn.running_mean)
-            frozen.running_var.copy_(bn.running_var)
-    return frozen
+    detectors.apply_structure(model, structure, source)
 
 
 def restore(network: str, num_classes: int, structure: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Rebuild ``network`` exactly as it was trained and load ``state`` into it, offline."""
-    spec = get_spec(network)
     # The random initialisation is overwritten at once: don't let it move the caller's RNG.
     with torch.random.fork_rng(devices=[]):
-        model = _skeleton(spec, num_classes)
-    apply_structure(model, structure, source)
+        model = detectors.rebuild(network, num_classes, structure, source)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelError(
-            f"{source}: its weights do not fit {network} as this torchvision builds it "
-            f"({_first_line(exc)}); use the Drip and torchvision versions it was made with"
+            f"{source}: its weights do not fit {network} as this Drip builds it "
+            f"({_first_line(exc)}); use the Drip and library versions it was made with"
         ) from None
     return model
 
@@ -738,11 +514,6 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
     model.to(torch.device(device)).eval()
     meta = {k: v for k, v in data.items() if k != "state_dict"}
     return LoadedModel(model, list(data["classes"]), int(data["image_size"]), data["network"], meta)
-
-
-def _names(keys: list[str], limit: int = 4) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _unpickle_reason(exc: BaseException) -> str | None:

@@ -197,9 +197,9 @@ def run(config: InferConfig, session_folder: Path) -> InferResult:
     )
     metrics = None
     if scoring is not None:
-        from .stages.infer import _write_scores
+        from .evaluate import write_scores
 
-        metrics = _write_scores(scoring, results_path, config, model_path, model, size)
+        metrics = write_scores(scoring, results_path, config, model_path, model, size)
     seconds = time.perf_counter() - started
     info(summary(n_images, n_detections, seconds, results_path, len(out_dirs), n_failed))
     return InferResult(

@@ -51,12 +51,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
+from .. import detectors
 from ..config import InferConfig
-from ..console import info, warn
+from ..console import info
+from ..detectors import forward_batch, scale_boxes, to_detections  # noqa: F401  (found here by callers)
 from ..errors import ConfigError, ModelError
 
 # The torch-free half of inference lives in drip.results, shared with drip.onnx_infer; the names
@@ -80,7 +81,7 @@ from ..results import (  # noqa: F401
     to_detections_np,
     trash_earlier_results,
 )
-from ..session import Session, write_json
+from ..session import Session
 from ..tiling import Slicing, resolve_slicing
 
 
@@ -130,7 +131,7 @@ def run_loaded(
     names = list(getattr(loaded.classes, "names", loaded.classes))
     slicing = resolve_slicing(config.tile_size, config.tile_overlap, config.tile_full_pass, getattr(loaded, "meta", {}))
     model = loaded.model.eval()
-    _fit_model_input(model, size)
+    detectors.set_input_size(model, size)
     device = torch.device(device)
     if annotations is None:
         annotations = _read_annotations(config)
@@ -166,7 +167,10 @@ def run_loaded(
     def predict(batch: Sequence[tuple[ImageJob, Image.Image]]) -> list[list[dict[str, Any]]]:
         return _predict_batch(model, batch, size, device, names, config.threshold, config.batch_size, scoring, slicing)
 
-    with _score_floor(model, scoring, config.threshold):
+    # --threshold is the user's filter, so a threshold under the model's own floor (torchvision's
+    # is 5%) must see the boxes it would drop; while scoring, AP needs the whole curve.
+    floor = detectors.EVAL_SCORE_FLOOR if scoring else config.threshold / 100.0
+    with detectors.evaluation_mode(model, score_floor=floor):
         # Sliced, one image is decoded at a time and its tiles make the batches.
         out_dirs, n_images, n_detections, n_failed = run_groups(
             groups, results_path, 1 if slicing else config.batch_size, predict, index,
@@ -176,7 +180,11 @@ def run_loaded(
     seconds = time.perf_counter() - started
     info(summary(n_images, n_detections, seconds, results_path, len(out_dirs), n_failed))
     # The scores come last: what a user reads at the end of a run.
-    metrics = _write_scores(scoring, results_path, config, model_path, loaded, size) if scoring else None
+    metrics = None
+    if scoring:
+        from ..evaluate import write_scores
+
+        metrics = write_scores(scoring, results_path, config, model_path, loaded, size)
     return InferResult(
         groups=out_dirs, images=n_images, detections=n_detections, seconds=seconds, failed=n_failed, metrics=metrics
     )
@@ -192,112 +200,7 @@ def _read_annotations(config: InferConfig) -> Any:
     return load_for_scoring(Path(config.src_json_path), Path(config.images_path))
 
 
-def _score_floor(model: torch.nn.Module, scoring: Any, threshold: float):
-    """Lower the model's own score floor (torchvision's is 0.05) to what this run needs.
-
-    ``--threshold`` is the user's filter, so a threshold under 5% must see the boxes torchvision
-    would drop; while scoring, AP needs the whole curve.
-    """
-    from ..evaluate import EVAL_SCORE_FLOOR, evaluation_mode
-
-    return evaluation_mode(model, score_floor=EVAL_SCORE_FLOOR if scoring else threshold / 100.0)
-
-
-def _write_scores(scoring: Any, results_path: Path, config: InferConfig, model_path: Path, loaded: Any, size: int):
-    from ..evaluate import found_at_threshold, metrics_report, summary_lines
-
-    missing = scoring.missing()
-    if missing:
-        warn(
-            f"--src_json_path {config.src_json_path}: {len(missing)} annotated images were not "
-            f"scored (not under --images_path or unreadable), e.g. {missing[0]!r}"
-        )
-    if not scoring.truths:
-        warn(
-            f"--src_json_path {config.src_json_path}: none of its images is under --images_path "
-            f"{config.images_path}; no metrics written (its image paths must be relative to that folder)"
-        )
-        return None
-    metrics = scoring.metrics()
-    found = found_at_threshold(scoring.truths, scoring.detections, config.threshold / 100.0)
-    write_json(
-        results_path / METRICS,
-        metrics_report(
-            metrics,
-            model=str(model_path),
-            network=getattr(loaded, "network", None),
-            image_size=size,
-            images_path=str(config.images_path),
-            annotations=str(config.src_json_path),
-            annotation_format=scoring.annotations.format,
-            dropped_boxes=scoring.dropped_boxes,
-            not_scored=missing,
-            at_threshold=found.to_json(),
-        ),
-    )
-    rows = scoring.coco_results()
-    if rows is not None:
-        write_json(results_path / COCO_RESULTS, rows)
-    for line in summary_lines(metrics):
-        info(line)
-    also = f" and {results_path / COCO_RESULTS}" if rows is not None else ""
-    info(f"infer: metrics against {config.src_json_path} in {results_path / METRICS}{also}")
-    info(found.line())
-    return metrics
-
 # -- the model --------------------------------------------------------------------------------
-def _fit_model_input(model: torch.nn.Module, size: int) -> None:
-    """Make a torchvision detector take our resized images as they are.
-
-    Its own transform resizes again to its ``min_size``/``max_size``; left at the trained size,
-    an ``--image_size`` override would be undone there.
-    """
-    if isinstance(getattr(model, "transform", None), torch.nn.Module):
-        from ..models import set_image_size
-
-        set_image_size(model, size)
-
-
-
-def forward_batch(
-    model: torch.nn.Module,
-    images: Sequence[Image.Image],
-    size: int,
-    device: torch.device,
-    batch_size: int,
-) -> list[tuple[dict[str, torch.Tensor], tuple[int, int]]]:
-    """Resize each image so its longer side is ``size``, run ``model`` on them in one pass.
-
-    Returns each image's raw output (boxes in pixels of the resized input) and the resized
-    (width, height). ``drip infer`` and ``drip.evaluate`` both go through here, so what is
-    measured is what is run.
-    """
-    tensors, shapes = [], []
-    for image in images:
-        array, shape = resize_for_model(image, size)
-        tensors.append(torch.from_numpy(array.copy()).permute(2, 0, 1).to(device).float().div_(255))
-        shapes.append(shape)
-    try:
-        with torch.inference_mode():
-            outputs = model(tensors)
-    except torch.cuda.OutOfMemoryError:
-        raise ModelError(
-            f"out of GPU memory with --batch_size {batch_size} at --image_size {size}; "
-            "lower --batch_size"
-        ) from None
-    return list(zip(outputs, shapes))
-
-
-def scale_boxes(boxes: torch.Tensor, size: tuple[int, int], resized: tuple[int, int]) -> torch.Tensor:
-    """Boxes in ``resized`` pixels -> float64 boxes in pixels of the ``size`` image, clipped to it
-    (``drip.results.scale_boxes_np``, which ONNX inference shares)."""
-    return torch.from_numpy(scale_boxes_np(_numpy(boxes), size, resized))
-
-
-def _numpy(values) -> np.ndarray:
-    return torch.as_tensor(values).detach().cpu().numpy()
-
-
 def _predict_batch(
     model: torch.nn.Module,
     batch: Sequence[tuple[ImageJob, Image.Image]],
@@ -337,20 +240,3 @@ def _predict_batch(
             )
         )
     return out
-
-
-def to_detections(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    size: tuple[int, int],
-    resized: tuple[int, int],
-    threshold: float,
-    names: Sequence[str],
-) -> list[dict[str, Any]]:
-    """A detector's output tensors -> JSON records: ``drip.results.to_detections_np``, the one
-    post-processing that PyTorch and ONNX inference share."""
-    return to_detections_np(
-        _numpy(boxes), _numpy(scores), _numpy(labels), size=size, resized=resized, threshold=threshold, names=names
-    )

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import console, distributed, models, report
+from .. import console, detectors, distributed, models, report
 from ..config import Config
 from ..data import RecordDataset, StepBatchSampler, read_eval_records, read_records
 from ..errors import SessionError
@@ -128,7 +128,8 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
             set_rng_states(checkpoint["rng"], device)
             console.info(f"resuming from {checkpoint_path.name} at step {start_step}")
         else:
-            model = models.build_model(config.network, num_classes, config.weights, config.image_size, session.cache)
+            model = models.build_model(config.network, num_classes, config.weights, config.image_size, session.cache,
+                                       classes)
         _set_box_sampling(model, config)
 
         since_best = int(checkpoint.get("evaluations_since_best") or 0) if checkpoint else 0
@@ -270,8 +271,5 @@ def _set_box_sampling(model: nn.Module, config: Config) -> None:
     """Apply ``box_batch_size_per_image`` (a training-time setting, not part of the weights)."""
     if config.box_batch_size_per_image is None:
         return
-    sampler = getattr(getattr(model, "roi_heads", None), "fg_bg_sampler", None)
-    if sampler is None:
+    if not detectors.set_box_sampling(model, int(config.box_batch_size_per_image)):
         console.info(f"--box_batch_size_per_image applies to Faster R-CNN only; {config.network} ignores it")
-        return
-    sampler.batch_size_per_image = int(config.box_batch_size_per_image)

@@ -153,7 +153,7 @@ def read_eval_samples(shards: list[Path], count: int) -> list[tuple[Any, list[li
 
 def _drawn(image, boxes, labels, classes, scores=None):
     """``image`` scaled to ``_SHOWN_SIZE`` with its boxes drawn as ``drip infer`` draws them."""
-    from ..stages.infer import draw_detections
+    from ..results import draw_detections
 
     scale = _SHOWN_SIZE / max(image.size)
     shown = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)

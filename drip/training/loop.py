@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .. import console
+from .. import console, detectors
 from ..data import collate
 from ..errors import Interrupted, SessionError
 from ..parallel import cores
@@ -79,8 +79,8 @@ class Trainer:
         self.bar = None
         self.hooks: list[HookBase] = []
         self._params = [p for p in model.parameters() if p.requires_grad]
-        self._autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.float16) if use_amp
-                          else contextlib.nullcontext)
+        self._autocast = (functools.partial(torch.autocast, "cuda", dtype=detectors.mixed_precision(model, device))
+                          if use_amp else contextlib.nullcontext)
 
     def register(self, *hooks: HookBase | None) -> None:
         for hook in hooks:
@@ -111,7 +111,7 @@ class Trainer:
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         with self._autocast():
-            losses = self.net(images, targets)
+            losses = detectors.losses(self.net, images, targets)
         total = sum(losses.values())
         self.lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)

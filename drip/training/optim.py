@@ -14,32 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import console
+from .. import console, detectors
 from ..config import Config
 
 _WARMUP_START = 0.001  # warmup starts at this fraction of the peak rate (torchvision's warmup_factor)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
-          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
 def build_optimizer(model: nn.Module, config: Config, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9) or AdamW, with no weight decay on norm layers and biases.
-
-    Decaying a norm's scale or a bias towards zero only fights the normalisation; torchvision's
-    reference does the same (--norm-weight-decay 0).
-    """
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            (no_decay if isinstance(module, _NORMS) or name == "bias" else decay).append(param)
-    groups = [
-        {"params": params, "decay": is_decay}
-        for params, is_decay in ((decay, True), (no_decay, False))
-        if params
-    ]
+    """SGD (momentum 0.9) or AdamW over the parameter groups the network's family wants
+    (``drip.detectors.param_groups``: no weight decay on norm layers and biases, a learning-rate
+    factor per group, e.g. a slower backbone)."""
+    groups = detectors.param_groups(model)
     if config.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=lr)
     else:
@@ -50,8 +35,9 @@ def build_optimizer(model: nn.Module, config: Config, lr: float) -> torch.optim.
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
-        group["initial_lr"] = lr  # the scheduler's base: peak rate after warmup
-        group["lr"] = lr
+        rate = lr * group.get("lr_scale", 1.0)
+        group["initial_lr"] = rate  # the scheduler's base: peak rate after warmup
+        group["lr"] = rate
         group["weight_decay"] = weight_decay if group.get("decay", True) else 0.0
 
 
