@@ -167,16 +167,17 @@ class Config(_Schema):
     # -- model --------------------------------------------------------------------------------
     network: str = _opt(
         "fasterrcnn_mobilenet_v3_large_fpn",
-        "A torchvision detector by name (see 'drip networks') or the path of a model file "
-        "exported by Drip (or of a .zip holding one). The default trains fast on a laptop CPU "
+        "A detector by name (see 'drip networks': torchvision's, D-FINE, RT-DETRv2) or the "
+        "path of a model file exported by Drip (or of a .zip holding one). The default trains fast on a laptop CPU "
         "and well on a GPU.",
         "model",
     )
     weights: str = _opt(
         "coco",
         "Starting point: 'coco' (detector pretrained on COCO, downloaded once into the "
-        "session folder's cache), 'imagenet' (backbone only), 'none' (from scratch), or the "
-        "path of a torchvision state_dict file for --network (or of a .zip holding one).",
+        "session folder's cache), 'imagenet' (backbone only, torchvision networks), 'objects365' "
+        "(D-FINE S-X), 'none' (from scratch), or the path of a state_dict file for --network (or "
+        "of a .zip holding one; for D-FINE/RT-DETRv2 also a save_pretrained folder or .safetensors file).",
         "model",
     )
     image_size: int = _opt(

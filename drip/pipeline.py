@@ -145,10 +145,24 @@ def report(session_folder: Path, overrides: dict):
 
 
 def list_networks() -> None:
-    from .models import NETWORKS
+    """The networks Drip builds, with their published COCO figures and where those come from."""
+    from . import detectors
 
-    for name in NETWORKS:
-        print(name)
+    rows = [("network", "COCO AP", "latency", "params", "licence")]
+    sources: list[str] = []
+    for name in detectors.network_names():
+        figures = detectors.published(name)
+        if figures.source not in sources:
+            sources.append(figures.source)
+        ap = "-" if figures.coco_ap is None else f"{figures.coco_ap:.1f}"
+        mark = f" [{sources.index(figures.source) + 1}]"
+        rows.append((name, ap + mark, figures.latency, f"{figures.params_m:g} M", figures.licence))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print()
+    for i, source in enumerate(sources, 1):
+        print(f"[{i}] {source}")
 
 
 def _session_config(session: Session, overrides: dict, require: bool) -> Config:

@@ -3,7 +3,7 @@ family a network belongs to.
 
 Training, evaluation, inference, export and the ONNX path call these functions; none reaches into
 a network or imports a stage. Each function finds the family (``drip.detectors.tv`` for
-torchvision's detectors) of a
+torchvision's detectors, ``drip.detectors.hf`` for the Hugging Face ``transformers`` ones) of a
 network name or of a built model and asks it. The calling convention of a built model is
 described in ``drip.detectors.base``.
 
@@ -35,6 +35,12 @@ EVAL_SCORE_FLOOR = 0.001
 TORCHVISION = Torchvision()
 FAMILIES: list[Family] = [TORCHVISION]
 
+
+# The transformers families: their registry is plain data (transformers itself is imported
+# when one is built), so listing them costs nothing.
+from .hf import TRANSFORMERS  # noqa: E402
+
+FAMILIES.append(TRANSFORMERS)
 
 
 # -- which family ------------------------------------------------------------------------------

@@ -23,11 +23,13 @@ def run(session: Session, config: Config, check_model: bool = True) -> Config:
 
     if check_model:
         classes = LabelMap.read(session.require(session.label_map_path, "split"))
-        models.build_model(config.network, len(classes) + 1, config.weights, config.image_size, session.cache)
-    optimizer = models.resolve_optimizer(config.optimizer, config.number_of_steps)
+        models.build_model(config.network, len(classes) + 1, config.weights, config.image_size, session.cache,
+                           list(classes.names))
+    optimizer = models.resolve_optimizer(config.optimizer, config.number_of_steps, config.network)
     if optimizer != config.optimizer:
         config = dataclasses.replace(config, optimizer=optimizer)
-        console.info(f"optimizer {optimizer} (auto: {config.number_of_steps} steps)")
+        console.info(f"optimizer {optimizer} (auto: {config.number_of_steps} steps, {config.network})")
+    config = _family_recipe(config)
     if config.learning_rate is None:
         lr = models.default_learning_rate(config.network, config.batch_size, config.optimizer)
         config = dataclasses.replace(config, learning_rate=lr)
@@ -35,6 +37,21 @@ def run(session: Session, config: Config, check_model: bool = True) -> Config:
     write(session, config)
     session.record_stage("configure", network=config.network, weights=config.weights, learning_rate=config.learning_rate)
     return config
+
+
+def _family_recipe(config: Config) -> Config:
+    """The network family's own recipe values (e.g. D-FINE's gradient clipping at 0.1) where the
+    config still holds Drip's default for them; a value the user set differently stays."""
+    from .. import detectors, models
+
+    wanted = detectors.recipe(models.network_name(config.network))
+    defaults = Config()
+    changes = {k: v for k, v in wanted.items() if getattr(config, k) == getattr(defaults, k) and getattr(config, k) != v}
+    if not changes:
+        return config
+    shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in changes.items())
+    console.info(f"{shown} (the {config.network} recipe)")
+    return dataclasses.replace(config, **changes)
 
 
 def write(session: Session, config: Config) -> None:

@@ -1,0 +1,480 @@
+"""D-FINE and RT-DETRv2 from Hugging Face ``transformers`` behind the contract.
+
+``transformers`` is imported only when a network of these families is built: the registry below
+(names, published figures, recipe) is plain data, so ``drip networks`` and everything that never
+builds one of them stay as fast as before.
+
+The network is wrapped in ``HFDetector``, which gives it torchvision's calling convention
+(``drip.detectors.base``): the wrapper stretches each image to the square ``image_size`` the
+authors train at (640), feeds pixels in 0..1 as their image processor does (no normalisation),
+turns Drip's targets (xyxy pixels, labels from 1) into the normalised cxcywh boxes and 0-based
+labels of ``transformers``' losses, and turns the query logits back into the best-scoring
+(query, class) pairs as boxes in the input image's pixels, the same top-k over sigmoid scores as
+the authors' post-processor. That post-processing is plain tensor arithmetic, so it is part of the
+exported ONNX graph.
+
+Weights: ``--weights coco`` (and ``objects365`` where the authors publish it) downloads the
+authors' checkpoint through ``transformers``' own Hub client into ``<cache>/huggingface``;
+``--weights PATH`` takes a ``save_pretrained`` folder (its ``config.json`` names the architecture)
+or a ``.safetensors`` file. Only safetensors are read (no pickle), config classes are the concrete
+ones (a Hub ``config.json`` is data; no ``trust_remote_code``), and the class head is resized to
+the session's classes, with ``id2label`` and ``label2id`` from its label map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import console
+from ..errors import ModelError
+from .base import Family, Published, decay_groups, first_line, load_matching, names
+
+_DFINE_SOURCE = "D-FINE README (Peterande/D-FINE): COCO val2017 AP, T4 TensorRT FP16 latency"
+_RTDETR_SOURCE = "RT-DETRv2 README (lyuwenyu/RT-DETR, rtdetrv2_pytorch): COCO val2017 AP, T4 TensorRT FP16 FPS"
+DETECTIONS_PER_IMAGE = 100  # as torchvision's detectors and COCO's maxDets
+DEFAULT_SCORE_FLOOR = 0.05  # torchvision's default box_score_thresh, so both families filter alike
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    kind: str  # "d_fine" or "rt_detr_v2"
+    hub: dict[str, str]  # start point -> Hub repository
+    lr: float  # the authors' AdamW learning rate ...
+    lr_batch: int  # ... at this total batch
+    backbone_lr_scale: float  # backbone learning rate / learning rate in the authors' config
+    published: Published
+    about: str
+    config: dict[str, Any] = field(default_factory=dict)  # overrides of the transformers defaults
+    backbone: dict[str, Any] = field(default_factory=dict)
+
+
+def _hgnet(stem, stage_in, stage_mid, stage_out, blocks, layers, hidden, lab=True, out_indices=(2, 3, 4)):
+    return {
+        "stem_channels": list(stem), "stage_in_channels": list(stage_in), "stage_mid_channels": list(stage_mid),
+        "stage_out_channels": list(stage_out), "stage_num_blocks": list(blocks), "stage_numb_of_layers": list(layers),
+        "stage_downsample": [False, True, True, True], "stage_light_block": [False, False, True, True],
+        "stage_kernel_size": [3, 3, 5, 5], "hidden_sizes": list(hidden), "use_learnable_affine_block": lab,
+        "out_indices": list(out_indices), "layer_type": "basic", "embedding_size": 32,
+    }
+
+
+# Architectures as transformers' conversion scripts set them for the authors' checkpoints
+# (convert_d_fine_original_pytorch_checkpoint_to_hf.py, convert_rt_detr_v2_weights_to_hf.py);
+# the learning rates and backbone factors from the authors' configs (D-FINE configs/dfine/*.yml,
+# total batch 32; RT-DETRv2 configs/rtdetrv2/*.yml, total batch 16).
+_DFINE_COMMON = {"decoder_n_points": [3, 6, 3], "hidden_expansion": 1.0, "decoder_layers": 6}
+_DFINE_S_BACKBONE = _hgnet((3, 16, 16), (16, 64, 256, 512), (16, 32, 64, 128), (64, 256, 512, 1024), (1, 1, 2, 1),
+                           (3, 3, 3, 3), (128, 256, 512, 1024))
+NETWORKS: dict[str, HFSpec] = {
+    "dfine_n": HFSpec(
+        "d_fine", {"coco": "ustc-community/dfine-nano-coco"}, 8e-4, 32, 0.5,
+        Published(42.8, "2.12 ms (T4, TensorRT FP16)", 4, "Apache-2.0", _DFINE_SOURCE),
+        "D-FINE-N, HGNetV2-B0: the smallest real-time DETR, fast on a CPU (COCO box AP 42.8)",
+        {**_DFINE_COMMON, "num_feature_levels": 2, "encoder_ffn_dim": 512, "encode_proj_layers": [1], "d_model": 128,
+         "encoder_hidden_dim": 128, "decoder_ffn_dim": 512, "encoder_in_channels": [512, 1024],
+         "decoder_n_points": [6, 6], "decoder_in_channels": [128, 128], "feat_strides": [16, 32], "depth_mult": 0.5,
+         "decoder_layers": 3, "hidden_expansion": 0.34},
+        {**_DFINE_S_BACKBONE, "out_indices": [3, 4]},
+    ),
+    "dfine_s": HFSpec(
+        "d_fine", {"coco": "ustc-community/dfine-small-coco", "objects365": "ustc-community/dfine-small-obj365"},
+        2e-4, 32, 0.5,
+        Published(48.5, "3.49 ms (T4, TensorRT FP16)", 10, "Apache-2.0", _DFINE_SOURCE),
+        "D-FINE-S, HGNetV2-B0 (COCO box AP 48.5; 50.7 from Objects365)",
+        {**_DFINE_COMMON, "decoder_layers": 3, "hidden_expansion": 0.5, "depth_mult": 0.34,
+         "encoder_in_channels": [256, 512, 1024]},
+        _DFINE_S_BACKBONE,
+    ),
+    "dfine_m": HFSpec(
+        "d_fine", {"coco": "ustc-community/dfine-medium-coco", "objects365": "ustc-community/dfine-medium-obj365"},
+        2e-4, 32, 0.1,
+        Published(52.3, "5.62 ms (T4, TensorRT FP16)", 19, "Apache-2.0", _DFINE_SOURCE),
+        "D-FINE-M, HGNetV2-B2 (COCO box AP 52.3; 55.1 from Objects365)",
+        {**_DFINE_COMMON, "decoder_layers": 4, "depth_mult": 0.67, "encoder_in_channels": [384, 768, 1536]},
+        _hgnet((3, 24, 32), (32, 96, 384, 768), (32, 64, 128, 256), (96, 384, 768, 1536), (1, 1, 3, 1),
+               (4, 4, 4, 4), (192, 384, 768, 1536)),
+    ),
+    "dfine_l": HFSpec(
+        "d_fine", {"coco": "ustc-community/dfine-large-coco", "objects365": "ustc-community/dfine-large-obj365"},
+        2.5e-4, 32, 0.05,
+        Published(54.0, "8.07 ms (T4, TensorRT FP16)", 31, "Apache-2.0", _DFINE_SOURCE),
+        "D-FINE-L, HGNetV2-B4 (COCO box AP 54.0; 57.3 from Objects365)",
+        {**_DFINE_COMMON, "encoder_ffn_dim": 1024, "encoder_in_channels": [512, 1024, 2048]},
+        _hgnet((3, 32, 48), (48, 128, 512, 1024), (48, 96, 192, 384), (128, 512, 1024, 2048), (1, 1, 3, 1),
+               (6, 6, 6, 6), (256, 512, 1024, 2048), lab=False),
+    ),
+    "dfine_x": HFSpec(
+        "d_fine", {"coco": "ustc-community/dfine-xlarge-coco", "objects365": "ustc-community/dfine-xlarge-obj365"},
+        2.5e-4, 32, 0.01,
+        Published(55.8, "12.89 ms (T4, TensorRT FP16)", 62, "Apache-2.0", _DFINE_SOURCE),
+        "D-FINE-X, HGNetV2-B5 (COCO box AP 55.8; 59.3 from Objects365)",
+        {**_DFINE_COMMON, "encoder_in_channels": [512, 1024, 2048], "encoder_hidden_dim": 384, "encoder_ffn_dim": 2048,
+         "decoder_in_channels": [384, 384, 384]},
+        _hgnet((3, 32, 64), (64, 128, 512, 1024), (64, 128, 256, 512), (128, 512, 1024, 2048), (1, 2, 5, 2),
+               (6, 6, 6, 6), (256, 512, 1024, 2048), lab=False),
+    ),
+    "rtdetr_v2_r18": HFSpec(
+        "rt_detr_v2", {"coco": "PekingU/rtdetr_v2_r18vd"}, 1e-4, 16, 0.1,
+        Published(48.1, "217 FPS (T4, TensorRT FP16)", 20, "Apache-2.0", _RTDETR_SOURCE),
+        "RT-DETRv2-S, ResNet-18-vd (COCO box AP 48.1)",
+        {"encoder_in_channels": [128, 256, 512], "hidden_expansion": 0.5, "decoder_layers": 3},
+        {"hidden_sizes": [64, 128, 256, 512], "depths": [2, 2, 2, 2], "layer_type": "basic"},
+    ),
+    "rtdetr_v2_r34": HFSpec(
+        "rt_detr_v2", {"coco": "PekingU/rtdetr_v2_r34vd"}, 1e-4, 16, 0.1,
+        Published(49.9, "161 FPS (T4, TensorRT FP16)", 31, "Apache-2.0", _RTDETR_SOURCE),
+        "RT-DETRv2-M*, ResNet-34-vd (COCO box AP 49.9)",
+        {"encoder_in_channels": [128, 256, 512], "hidden_expansion": 0.5, "decoder_layers": 4},
+        {"hidden_sizes": [64, 128, 256, 512], "depths": [3, 4, 6, 3], "layer_type": "basic"},
+    ),
+    "rtdetr_v2_r50": HFSpec(
+        "rt_detr_v2", {"coco": "PekingU/rtdetr_v2_r50vd"}, 1e-4, 16, 0.1,
+        Published(53.4, "108 FPS (T4, TensorRT FP16)", 42, "Apache-2.0", _RTDETR_SOURCE),
+        "RT-DETRv2-L, ResNet-50-vd (COCO box AP 53.4)",
+        {},
+        {},
+    ),
+    "rtdetr_v2_r101": HFSpec(
+        "rt_detr_v2", {"coco": "PekingU/rtdetr_v2_r101vd"}, 1e-4, 16, 0.1,
+        Published(54.3, "74 FPS (T4, TensorRT FP16)", 76, "Apache-2.0", _RTDETR_SOURCE),
+        "RT-DETRv2-X, ResNet-101-vd (COCO box AP 54.3)",
+        {"encoder_ffn_dim": 2048, "encoder_hidden_dim": 384, "decoder_in_channels": [384, 384, 384]},
+        {"depths": [3, 4, 23, 3]},
+    ),
+}
+
+# The authors' gradient clipping (clip_max_norm 0.1 in both families' configs).
+GRAD_CLIP = 0.1
+_SCRATCH_WARNING = (
+    "{network} with --weights none starts from random weights: DETR-family detectors learn "
+    "almost nothing from scratch on small data (DETR's authors needed 10-15k images and long "
+    "schedules); use --weights coco unless you have that much"
+)
+
+
+def _classes(kind: str):
+    """The transformers config and model classes of ``kind``: concrete classes, never Auto*."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        # Drip says what matters (weights loaded, head resized); transformers' progress bars and
+        # loading tables would bury it.
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        if kind == "d_fine":
+            from transformers import DFineConfig, DFineForObjectDetection
+
+            return DFineConfig, DFineForObjectDetection
+        from transformers import RTDetrV2Config, RTDetrV2ForObjectDetection
+
+        return RTDetrV2Config, RTDetrV2ForObjectDetection
+    except ImportError as exc:
+        raise ModelError(
+            f"the D-FINE and RT-DETRv2 networks need the transformers package ({exc}); "
+            "pip install -r requirements.txt"
+        ) from None
+
+
+class HFDetector(nn.Module):
+    """A ``transformers`` DETR-family detector with torchvision's calling convention."""
+
+    def __init__(self, net: nn.Module, network: str, image_size: int = 640):
+        super().__init__()
+        self.net = net
+        self.network = network  # the registry name: its recipe (backbone learning rate) follows it
+        self.image_size = int(image_size)
+        self.score_thresh = DEFAULT_SCORE_FLOOR
+        self.detections_per_img = DETECTIONS_PER_IMAGE
+
+    def _pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        return torch.cat([F.interpolate(im[None], size=size, mode="bilinear", align_corners=False) for im in images])
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
+        pixels = self._pixels(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("HFDetector in train mode needs targets")
+            labels = [_to_hf_target(t, im) for t, im in zip(targets, images)]
+            out = self.net(pixel_values=pixels, labels=labels)
+            return _grouped_losses(out.loss_dict)
+        out = self.net(pixel_values=pixels)
+        return [
+            self._detections(out.logits[i], out.pred_boxes[i], im)
+            for i, im in enumerate(images)
+        ]
+
+    def _detections(self, logits: torch.Tensor, boxes: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Top ``detections_per_img`` (query, class) pairs by sigmoid score, as the authors'
+        post-processor does; boxes in ``image``'s pixels (traced sizes, so ONNX keeps them)."""
+        num_classes = logits.shape[-1]
+        scores = logits.float().sigmoid().flatten()
+        k = min(self.detections_per_img, scores.shape[0])
+        top, index = scores.topk(k)
+        query = torch.div(index, num_classes, rounding_mode="floor")
+        labels = index - query * num_classes + 1
+        cx, cy, w, h = boxes.float()[query].unbind(-1)
+        height_width = torch._shape_as_tensor(image)[-2:].to(torch.float32)
+        height, width = height_width[0], height_width[1]
+        xyxy = torch.stack(((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height), -1)
+        keep = top >= self.score_thresh
+        return {"boxes": xyxy[keep], "labels": labels[keep], "scores": top[keep]}
+
+
+def _to_hf_target(target: dict[str, torch.Tensor], image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Drip's target (xyxy pixels of ``image``, labels from 1) -> transformers' (normalised cxcywh,
+    labels from 0)."""
+    height, width = image.shape[-2:]
+    boxes = target["boxes"].float()
+    scale = boxes.new_tensor([width, height, width, height])
+    x0, y0, x1, y1 = (boxes / scale).clamp(0, 1).unbind(-1)
+    cxcywh = torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), -1)
+    return {"class_labels": target["labels"].long() - 1, "boxes": cxcywh}
+
+
+_LOSS_NAME = re.compile(r"^(loss_[a-z]+)")
+
+
+def _grouped_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers reports each loss per decoder layer, denoising group and encoder output
+    (``loss_vfl_aux_0``, ``loss_bbox_dn_2``, ...), already weighted; summed here per kind, so the
+    total is the same and TensorBoard shows a handful of curves."""
+    grouped: dict[str, torch.Tensor] = {}
+    for name, value in loss_dict.items():
+        match = _LOSS_NAME.match(name)
+        key = match.group(1) if match else name
+        grouped[key] = grouped[key] + value if key in grouped else value
+    return grouped
+
+
+class Transformers(Family):
+    name = "transformers"
+    networks = NETWORKS
+    start_points = ("coco", "objects365", "none")
+
+    def owns(self, model: nn.Module) -> bool:
+        return isinstance(model, HFDetector)
+
+    def about(self, network: str) -> str:
+        return NETWORKS[network].about
+
+    def published(self, network: str) -> Published | None:
+        return NETWORKS[network].published
+
+    # -- building ------------------------------------------------------------------------------
+    def _config(self, network: str, num_classes: int, classes=None):
+        spec = NETWORKS[network]
+        config_class, _ = _classes(spec.kind)
+        config = config_class(**spec.config)
+        for key, value in spec.backbone.items():
+            setattr(config.backbone_config, key, value)
+        if "out_indices" in spec.backbone:
+            config.backbone_config.out_features = [f"stage{i}" for i in spec.backbone["out_indices"]]
+        _set_labels(config, num_classes, classes)
+        return config
+
+    def skeleton(self, network: str, num_classes: int, classes=None) -> nn.Module:
+        spec = NETWORKS[network]
+        _, model_class = _classes(spec.kind)
+        return _wrap(model_class(self._config(network, num_classes, classes)), network)
+
+    def build(self, network: str, num_classes: int, weights: str, cache_dir, classes=None) -> nn.Module:
+        spec = NETWORKS[network]
+        if weights == "none":
+            console.warn(_SCRATCH_WARNING.format(network=network))
+            return self.skeleton(network, num_classes, classes)
+        repo = spec.hub.get(weights)
+        if repo is None:
+            offered = ", ".join([*spec.hub, "none"])
+            raise ModelError(f"--weights {weights} is not published for {network}; use one of {offered}")
+        what = {"coco": "COCO", "objects365": "Objects365"}[weights]
+        where = Path(cache_dir) / "huggingface" if cache_dir is not None else None
+        try:
+            return _from_pretrained(network, repo, num_classes, classes, cache_dir=where)
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - offline, a missing repo, a bad file: the Hub client raises many types
+            from .tv import download_error
+
+            raise download_error(what, network, where and where.parent, exc, hub="huggingface") from None
+
+    def replace_head(self, model: nn.Module, network: str, num_classes: int, classes=None) -> None:
+        """A fresh head for ``num_classes``: the network rebuilt from its own config with the new
+        class count, every weight that still fits loaded back."""
+        config = model.net.config.__class__.from_dict(model.net.config.to_dict())
+        _set_labels(config, num_classes, classes)
+        fresh = type(model.net)(config)
+        own = fresh.state_dict()
+        fits = {k: v for k, v in model.net.state_dict().items() if k in own and own[k].shape == v.shape}
+        fresh.load_state_dict(fits, strict=False)
+        model.net = _ready(fresh)
+
+    def from_weights_file(self, network: str, num_classes: int, path, cache_dir, source: str, classes=None) -> nn.Module:
+        spec = NETWORKS[network]
+        path = Path(path)
+        if path.is_dir():
+            return _from_pretrained(network, path, num_classes, classes, source=source)
+        if path.suffix.lower() == ".safetensors":
+            # A Hub checkpoint's tensors carry transformers' on-disk names, which its loader maps
+            # (and re-ties): give it the file beside Drip's own config of the network.
+            with tempfile.TemporaryDirectory(prefix="drip-hf-") as folder:
+                self._config(network, num_classes, classes).save_pretrained(folder)
+                try:
+                    os.symlink(path.resolve(), Path(folder) / "model.safetensors")
+                except OSError:
+                    shutil.copyfile(path, Path(folder) / "model.safetensors")
+                return _from_pretrained(network, Path(folder), num_classes, classes, source=source)
+        from ..models import read_state_file
+
+        state = read_state_file(path, cache_dir)  # a torch state_dict, read without running code
+        model = self.skeleton(network, num_classes, classes)
+        if not any(k.startswith("net.") for k in state):
+            state = {f"net.{k}": v for k, v in state.items()}  # a transformers state_dict, not Drip's
+        load_matching(model, state, source, network)
+        return model
+
+    def structure_of(self, model: nn.Module) -> dict[str, Any]:
+        # The whole architecture, so a model started from a Hub checkpoint or a folder is rebuilt
+        # offline exactly (plain JSON: loading it runs nothing).
+        return {"hf_config": model.net.config.to_json_string(), **super().structure_of(model)}
+
+    def rebuild(self, network: str, num_classes: int, structure: dict[str, Any], source: str) -> nn.Module:
+        text = structure.get("hf_config")
+        if not text:
+            return super().rebuild(network, num_classes, structure, source)
+        config_class, model_class = _classes(NETWORKS[network].kind)
+        try:
+            config = config_class.from_dict(json.loads(text))
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign config
+            raise ModelError(f"{source}: its network configuration cannot be read ({first_line(exc)}); export it again") from None
+        model = _wrap(model_class(config), network)
+        self.apply_structure(model, structure, source)
+        return model
+
+    # -- running -------------------------------------------------------------------------------
+    def set_input_size(self, model: nn.Module, image_size: int) -> None:
+        model.image_size = int(image_size)
+
+    @contextlib.contextmanager
+    def evaluation(self, model: nn.Module, image_size: int | None, score_floor: float) -> Iterator[nn.Module]:
+        saved = (model.score_thresh, model.image_size, model.training)
+        try:
+            model.score_thresh = min(float(model.score_thresh), score_floor)
+            model.eval()
+            if image_size:
+                model.image_size = int(image_size)
+            yield model
+        finally:
+            model.score_thresh, model.image_size = saved[0], saved[1]
+            model.train(saved[2])
+
+    # -- training recipe -----------------------------------------------------------------------
+    def default_learning_rate(self, network: str, batch_size: int, optimizer: str) -> float:
+        spec = NETWORKS[network]
+        # The authors' rate at their batch, scaled by the square root of the batch (Adam-type).
+        return spec.lr * math.sqrt(batch_size / spec.lr_batch)
+
+    def default_optimizer(self, network: str, number_of_steps: int) -> str | None:
+        return "adamw"  # both families are trained with AdamW only
+
+    def recipe(self, network: str) -> dict[str, Any]:
+        return {"grad_clip": GRAD_CLIP}
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        scale = _backbone_scale(model)
+        return decay_groups(model, lambda name: scale if ".backbone." in f".{name}" else 1.0)
+
+    def mixed_precision(self, device: torch.device) -> torch.dtype:
+        with contextlib.suppress(Exception):
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+        return torch.float16
+
+    @contextlib.contextmanager
+    def onnx_export(self, model: nn.Module) -> Iterator[nn.Module]:
+        yield model
+
+
+def _backbone_scale(model: HFDetector) -> float:
+    spec = NETWORKS.get(getattr(model, "network", ""))
+    return spec.backbone_lr_scale if spec is not None else 0.1
+
+
+def _set_labels(config, num_classes: int, classes=None) -> None:
+    names = list(classes) if classes is not None and len(classes) == num_classes - 1 else [
+        f"class_{i}" for i in range(1, num_classes)
+    ]
+    config.num_labels = num_classes - 1
+    config.id2label = {i: str(name) for i, name in enumerate(names)}
+    config.label2id = {str(name): i for i, name in enumerate(names)}
+
+
+def _ready(net: nn.Module) -> nn.Module:
+    # Anchors from the feature maps of each forward, not fixed at 640 when the checkpoint was
+    # saved: --image_size may differ (same values at the same size).
+    net.config.anchor_image_size = None
+    return net
+
+
+def _wrap(net: nn.Module, network: str, image_size: int = 640) -> HFDetector:
+    return HFDetector(_ready(net), network, image_size)
+
+
+def _from_pretrained(network: str, where, num_classes: int, classes=None, cache_dir=None, source: str | None = None) -> HFDetector:
+    """A Hub repository or a local ``save_pretrained`` folder, head resized to ``num_classes``."""
+    config_class, model_class = _classes(NETWORKS[network].kind)
+    local = isinstance(where, Path)
+    what = source or str(where)
+    if local and not (where / "config.json").is_file():
+        raise ModelError(f"{what}: no config.json in the folder; give a folder written by save_pretrained, or a .safetensors file")
+    if local and not any(where.glob("*.safetensors")):
+        pickles = sorted(p.name for p in where.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        found = f" (it holds {', '.join(pickles)}: pickle files, which can run code and are refused)" if pickles else ""
+        raise ModelError(f"{what}: no .safetensors weights in the folder{found}; save the model with save_pretrained(safe_serialization=True)")
+    if local:
+        _check_model_type(where / "config.json", config_class.model_type, what)
+    kwargs = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
+    config = config_class.from_pretrained(str(where), **kwargs)
+    _check_model_type(None, config_class.model_type, what, getattr(config, "model_type", None))
+    _set_labels(config, num_classes, classes)
+    net, report = model_class.from_pretrained(
+        str(where), config=config, ignore_mismatched_sizes=True, use_safetensors=True, output_loading_info=True, **kwargs
+    )
+    fresh = [str(k[0] if isinstance(k, tuple) else k) for k in report.get("mismatched_keys", [])]
+    missing = [str(k) for k in report.get("missing_keys", [])]
+    if fresh:
+        console.info(f"{what}: {len(fresh)} tensors start fresh for {num_classes - 1} classes (the class head): {names(fresh)}")
+    if missing:
+        console.info(f"{what}: {len(missing)} tensors of {network} are not in the checkpoint and start fresh: {names(missing)}")
+    return _wrap(net, network)
+
+
+def _check_model_type(path: Path | None, expected: str, what: str, found: str | None = None) -> None:
+    """Refuse a config.json of another model type before transformers tries to read it as ours."""
+    if path is not None:
+        try:
+            found = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelError(f"{what}: its config.json cannot be read ({first_line(exc)}); copy the folder again") from None
+    if found != expected:
+        raise ModelError(
+            f"{what}: its config.json describes a {found or 'unknown'!r} model, not {expected!r}; "
+            "pick the --network it was made for"
+        )
+
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+TRANSFORMERS = Transformers()

@@ -1,0 +1,237 @@
+"""D-FINE and RT-DETRv2 (Hugging Face transformers) through Drip, on tiny random networks.
+
+No download: each family's network is configured tiny (few channels, two decoder layers, twelve
+queries) and saved with ``save_pretrained``, as a user's fine-tuned checkpoint would be; Drip
+starts from that folder with ``--weights PATH``. The weights are spread at random first: a fresh
+network scores every encoder position the same (a zero-initialised score head), and ties would
+make which queries win, and so any comparison of two runtimes, arbitrary.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from drip import cli, detectors, models, onnx_infer  # noqa: E402
+from drip.config import InferConfig  # noqa: E402
+from drip.errors import ModelError  # noqa: E402
+from drip.stages import infer, train  # noqa: E402
+from drip.synthetic import CLASSES, make_dataset, write_drip_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 128
+FAMILIES = {"dfine_n": "d_fine", "rtdetr_v2_r18": "rt_detr_v2"}
+BOX_TOL_PX, SCORE_TOL = 1.0, 1e-3
+
+
+def tiny_config(network: str, num_labels: int):
+    common = dict(
+        encoder_hidden_dim=16, encoder_ffn_dim=32, encoder_attention_heads=2, d_model=16, num_queries=12,
+        decoder_in_channels=[16, 16, 16], decoder_ffn_dim=32, decoder_layers=2, decoder_attention_heads=2,
+        num_denoising=4, hidden_expansion=0.5, num_labels=num_labels,
+    )
+    if FAMILIES[network] == "d_fine":
+        backbone = transformers.HGNetV2Config(
+            stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 64], stage_mid_channels=[8, 8, 16, 16],
+            stage_out_channels=[16, 32, 64, 64], stage_num_blocks=[1, 1, 1, 1], stage_numb_of_layers=[1, 1, 1, 1],
+            stage_downsample=[False, True, True, True], stage_light_block=[False, False, True, True],
+            stage_kernel_size=[3, 3, 5, 5], hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1],
+            out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4],
+        )
+        return transformers.DFineConfig(backbone_config=backbone, encoder_in_channels=[32, 64, 64],
+                                        decoder_n_points=[2, 2, 2], depth_mult=0.34, lqe_hidden_dim=8, **common)
+    backbone = transformers.RTDetrResNetConfig(
+        hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic", embedding_size=8,
+        out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4],
+    )
+    return transformers.RTDetrV2Config(backbone_config=backbone, encoder_in_channels=[16, 32, 64],
+                                       decoder_n_points=2, **common)
+
+
+def tiny_network(network: str, num_labels: int = 5) -> torch.nn.Module:
+    config = tiny_config(network, num_labels)
+    model_class = transformers.DFineForObjectDetection if FAMILIES[network] == "d_fine" else transformers.RTDetrV2ForObjectDetection
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = model_class(config)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in net.parameters():
+                fan_in = param[0].numel() if param.dim() >= 2 else 1
+                param.add_(torch.randn(param.shape, generator=generator) / fan_in ** 0.5)
+    return net.eval()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pretrained(request, tmp_path_factory) -> tuple[str, Path]:
+    """A tiny network of the family saved as ``save_pretrained`` does, in a folder with a space."""
+    network = request.param
+    folder = tmp_path_factory.mktemp("hub") / f"my {network}"
+    tiny_network(network).save_pretrained(folder)
+    return network, folder
+
+
+def non_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    head = ("class_embed", "enc_score_head", "denoising_class_embed")
+    return {k: v for k, v in state.items() if not any(h in k for h in head)}
+
+
+# -- weights ----------------------------------------------------------------------------------
+def test_weights_folder_resizes_the_head_and_loads_the_rest(pretrained):
+    network, folder = pretrained
+    model = models.build_model(network, len(CLASSES) + 1, str(folder), SIZE, classes=list(CLASSES))
+    config = model.net.config
+    assert config.num_labels == len(CLASSES)
+    assert config.id2label == dict(enumerate(CLASSES)) and config.label2id == {n: i for i, n in enumerate(CLASSES)}
+    assert model.net.class_embed[0].out_features == len(CLASSES)
+    saved = non_head(tiny_network(network).state_dict())
+    loaded = model.net.state_dict()
+    assert saved and all(torch.equal(loaded[k], v) for k, v in saved.items())
+
+
+def test_a_safetensors_file_starts_drips_own_architecture(tmp_path):
+    # The published D-FINE-N architecture with COCO's 80 classes, as a bare .safetensors file.
+    published = models.build_model("dfine_n", 81, "none", SIZE).net
+    published.save_pretrained(tmp_path / "coco")
+    model = models.build_model("dfine_n", len(CLASSES) + 1, str(tmp_path / "coco" / "model.safetensors"), SIZE)
+    assert model.net.config.num_labels == len(CLASSES)
+    loaded, saved = model.net.state_dict(), non_head(published.state_dict())
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+
+
+def test_weights_from_a_folder_of_the_other_family_are_refused(pretrained):
+    network, folder = pretrained
+    other = next(n for n in FAMILIES if n != network)
+    with pytest.raises(ModelError, match="pick the --network it was made for"):
+        models.build_model(other, 4, str(folder), SIZE)
+
+
+def test_a_planted_pickle_is_refused(tmp_path, pretrained):
+    network, folder = pretrained
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "config.json").write_text((folder / "config.json").read_text())
+    (planted / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Boom()}))
+    with pytest.raises(ModelError, match="pickle files, which can run code and are refused"):
+        models.build_model(network, 4, str(planted), SIZE)
+    torch.save({"w": torch.zeros(1), "x": Boom()}, tmp_path / "weights.pt")
+    with pytest.raises(ModelError, match="refused"):
+        models.build_model(network, 4, str(tmp_path / "weights.pt"), SIZE)
+
+
+def test_weights_none_warns_that_detr_models_need_pretraining(capsys):
+    model = models.build_model("dfine_n", 4, "none", SIZE)
+    assert "learn almost nothing from scratch" in capsys.readouterr().err
+    assert sum(p.numel() for p in model.parameters()) > 3_000_000  # the real D-FINE-N, not a toy
+
+
+def test_weights_objects365_only_where_published():
+    with pytest.raises(ModelError, match="not published for rtdetr_v2_r18; use one of coco, none"):
+        models.build_model("rtdetr_v2_r18", 4, "objects365", SIZE)
+    with pytest.raises(ModelError, match="not offered for dfine_s"):
+        models.build_model("dfine_s", 4, "imagenet", SIZE)
+
+
+# -- the whole path -----------------------------------------------------------------------------
+def starter(name: str, *args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, str(ROOT / name), *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, f"{name} {args} failed:\n{out.stderr[-4000:]}"
+    return out
+
+
+def unmatched(ours: list[dict], theirs: list[dict], threshold: float) -> list[dict]:
+    left, missing = list(theirs), []
+    for det in ours:
+        if det["score"] < threshold + SCORE_TOL:
+            continue
+        match = next((o for o in left if o["class_id"] == det["class_id"] and abs(o["score"] - det["score"]) <= SCORE_TOL
+                      and max(abs(a - b) for a, b in zip(o["box"], det["box"])) <= BOX_TOL_PX), None)
+        if match is None:
+            missing.append(det)
+        else:
+            left.remove(match)
+    return missing
+
+
+@pytest.mark.slow
+def test_train_resume_evaluate_infer_export(pretrained, tmp_path):
+    network, folder = pretrained
+    data = tmp_path / "data"
+    annotations = make_dataset(data / "my images", 8, size=(160, 120), seed=3)
+    write_drip_json(data / "metadata.json", annotations)
+    session = tmp_path / "pipe line"
+    common = ["--runtime", "local", "--network", network, "--weights", str(folder), "--image_size", str(SIZE),
+              "--batch_size", "2", "--checkpoint_every", "2", "--num_workers", "0", "--device", "cpu",
+              "--augmentations", "0", "--lr_schedule", "constant",  # step 0-1 rates independent of the run's length
+              "--session_folder", str(session), "--src_json_path", str(data / "metadata.json"),
+              "--image_folder_path", str(data / "my images")]
+    out = starter("training_starter.py", *common, "--number_of_steps", "2")
+    assert "grad_clip 0.1" in out.stderr and "optimizer adamw" in out.stderr
+    dl = session / "dl"
+    first = torch.load(dl / "model.pt", map_location="cpu", weights_only=True)
+    hf_config = json.loads(first["structure"]["hf_config"])
+    assert first["network"] == network and list(hf_config["id2label"].values()) == first["classes"]
+    assert (dl / "metrics.jsonl").read_text().strip()  # evaluated during training
+
+    # Resumed to step 4 in-process, it equals an uninterrupted run of 4 steps (same session config).
+    from drip.config import Config
+    from drip.session import Session
+
+    config = Config.read(dl / "pipeline.config").updated({"number_of_steps": 4}, "test")
+    parts = Session(session)
+    train.run(parts, config, resume=True)
+    whole = Session(tmp_path / "whole")
+    whole.start_new()
+    for name in ("label_map.pbtxt", "records"):
+        src = dl / name
+        if src.is_dir():
+            import shutil
+
+            shutil.copytree(src, whole.dl / name)
+        else:
+            (whole.dl / name).write_bytes(src.read_bytes())
+    train.run(whole, config)
+    # The step-4 checkpoints, not model.pt: that is the best evaluation's, which may be step 2's.
+    a, b = (torch.load(s.checkpoints_dir / "step-0000004.pt", map_location="cpu", weights_only=True)["model"]
+            for s in (parts, whole))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # drip evaluate and drip export, as users run them.
+    metrics_path = tmp_path / "metrics.json"
+    assert cli.main(["evaluate", "--session_folder", str(session), "--images_path", str(data / "my images"),
+                     "--src_json_path", str(data / "metadata.json"), "--output", str(metrics_path), "--device", "cpu"]) == 0
+    assert "AP" in json.loads(metrics_path.read_text())["metrics"]
+    onnx_path = tmp_path / "model.onnx"
+    assert cli.main(["export", "--session_folder", str(session), "--format", "onnx", "--output", str(onnx_path)]) == 0
+    onnx = pytest.importorskip("onnx")
+    assert min(o.version for o in onnx.load(str(onnx_path)).opset_import if o.domain in ("", "ai.onnx")) >= 17
+
+    # Inference to JSON with PyTorch and with ONNX Runtime: the same detections.
+    threshold = 20.0
+    cfg = lambda results, model: InferConfig().updated(  # noqa: E731
+        {"images_path": str(data / "my images"), "results_path": str(results), "model": str(model),
+         "device": "cpu", "threshold": threshold, "batch_size": 1}, "test")
+    by_torch = infer.run(cfg(tmp_path / "torch", dl / "model.pt"), session)
+    by_onnx = onnx_infer.run(cfg(tmp_path / "onnx", onnx_path), session)
+    compared = 0
+    for group, folder_out in by_torch.groups.items():
+        for entry in json.loads((folder_out / "detections.json").read_text())["images"]:
+            ours = json.loads((folder_out / entry["result"]).read_text())["detections"]
+            theirs = json.loads((by_onnx.groups[group] / entry["result"]).read_text())["detections"]
+            assert not unmatched(ours, theirs, threshold / 100), entry["image"]
+            assert not unmatched(theirs, ours, threshold / 100), entry["image"]
+            compared += len(ours)
+    assert compared >= 8, "the model found too little to compare"
