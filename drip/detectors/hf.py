@@ -13,7 +13,8 @@ labels of ``transformers``' losses, and turns the query logits back into the bes
 the authors' post-processor. That post-processing is plain tensor arithmetic, so it is part of the
 exported ONNX graph.
 
-Weights: ``--weights coco`` (and ``objects365`` where the authors publish it) downloads the
+Weights: ``--weights coco`` (and ``objects365``: the authors' Objects365-pretrained, COCO-trained
+``obj2coco`` checkpoints, where published) downloads the
 authors' checkpoint through ``transformers``' own Hub client into ``<cache>/huggingface``;
 ``--weights PATH`` takes a ``save_pretrained`` folder (its ``config.json`` names the architecture)
 or a ``.safetensors`` file. Only safetensors are read (no pickle), config classes are the concrete
@@ -90,7 +91,7 @@ NETWORKS: dict[str, HFSpec] = {
         {**_DFINE_S_BACKBONE, "out_indices": [3, 4]},
     ),
     "dfine_s": HFSpec(
-        "d_fine", {"coco": "ustc-community/dfine-small-coco", "objects365": "ustc-community/dfine-small-obj365"},
+        "d_fine", {"coco": "ustc-community/dfine-small-coco", "objects365": "ustc-community/dfine-small-obj2coco"},
         2e-4, 32, 0.5,
         Published(48.5, "3.49 ms (T4, TensorRT FP16)", 10, "Apache-2.0", _DFINE_SOURCE),
         "D-FINE-S, HGNetV2-B0 (COCO box AP 48.5; 50.7 from Objects365)",
@@ -99,7 +100,7 @@ NETWORKS: dict[str, HFSpec] = {
         _DFINE_S_BACKBONE,
     ),
     "dfine_m": HFSpec(
-        "d_fine", {"coco": "ustc-community/dfine-medium-coco", "objects365": "ustc-community/dfine-medium-obj365"},
+        "d_fine", {"coco": "ustc-community/dfine-medium-coco", "objects365": "ustc-community/dfine-medium-obj2coco"},
         2e-4, 32, 0.1,
         Published(52.3, "5.62 ms (T4, TensorRT FP16)", 19, "Apache-2.0", _DFINE_SOURCE),
         "D-FINE-M, HGNetV2-B2 (COCO box AP 52.3; 55.1 from Objects365)",
@@ -108,7 +109,7 @@ NETWORKS: dict[str, HFSpec] = {
                (4, 4, 4, 4), (192, 384, 768, 1536)),
     ),
     "dfine_l": HFSpec(
-        "d_fine", {"coco": "ustc-community/dfine-large-coco", "objects365": "ustc-community/dfine-large-obj365"},
+        "d_fine", {"coco": "ustc-community/dfine-large-coco", "objects365": "ustc-community/dfine_l_obj2coco_e25"},
         2.5e-4, 32, 0.05,
         Published(54.0, "8.07 ms (T4, TensorRT FP16)", 31, "Apache-2.0", _DFINE_SOURCE),
         "D-FINE-L, HGNetV2-B4 (COCO box AP 54.0; 57.3 from Objects365)",
@@ -117,7 +118,7 @@ NETWORKS: dict[str, HFSpec] = {
                (6, 6, 6, 6), (256, 512, 1024, 2048), lab=False),
     ),
     "dfine_x": HFSpec(
-        "d_fine", {"coco": "ustc-community/dfine-xlarge-coco", "objects365": "ustc-community/dfine-xlarge-obj365"},
+        "d_fine", {"coco": "ustc-community/dfine-xlarge-coco", "objects365": "ustc-community/dfine-xlarge-obj2coco"},
         2.5e-4, 32, 0.01,
         Published(55.8, "12.89 ms (T4, TensorRT FP16)", 62, "Apache-2.0", _DFINE_SOURCE),
         "D-FINE-X, HGNetV2-B5 (COCO box AP 55.8; 59.3 from Objects365)",
