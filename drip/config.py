@@ -180,6 +180,15 @@ class Config(_Schema):
         "of a .zip holding one; for D-FINE/RT-DETRv2 also a save_pretrained folder or .safetensors file).",
         "model",
     )
+    weights_fallback: str = _opt(
+        "fail",
+        "When --weights coco, imagenet or objects365 cannot be downloaded (no internet, a proxy): "
+        "'fail' stops with the reason, 'none' trains from scratch instead and says so in one line "
+        "(pipeline.config then records --weights none). From scratch needs far more steps to "
+        "reach the same accuracy, so 'fail' is the default; the quick start uses 'none'.",
+        "model",
+        choices=("fail", "none"),
+    )
     image_size: int = _opt(
         640,
         "Images are resized so their longer side is this many pixels, for training and "

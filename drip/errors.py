@@ -28,6 +28,15 @@ class ModelError(DripError):
     """A network name, weights file or exported model cannot be loaded."""
 
 
+class DownloadError(ModelError):
+    """Starting weights could not be downloaded (offline, a proxy, a bad hash). ``what_failed`` is
+    the message without the advice, for a caller that handles the failure itself."""
+
+    def __init__(self, message: str, what_failed: str = ""):
+        super().__init__(message)
+        self.what_failed = what_failed or message
+
+
 class Interrupted(DripError):
     """The user stopped the run (Ctrl-C or SIGTERM) after Drip saved its work."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -224,3 +225,38 @@ def test_resolve_device():
             models.resolve_device("cuda")
     with pytest.raises(ConfigError):
         models.resolve_device("tpu")
+
+
+def test_weights_fallback_trains_from_scratch_when_the_download_fails(tmp_path, monkeypatch, capsys):
+    """configure with --weights_fallback none: a failed download becomes --weights none, in one line
+    and in pipeline.config; with the default 'fail' the same failure stops the run."""
+    from drip.config import Config
+    from drip.detectors import tv
+    from drip.errors import DownloadError
+    from drip.labelmap import LabelMap
+    from drip.session import Session
+    from drip.stages import configure
+
+    network = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    spec = tv.NETWORKS[network]
+
+    def offline(**kwargs):  # what torchvision's builder raises when the hub cannot be reached
+        if kwargs.get("weights") is not None:
+            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+        return spec.builder(**kwargs)
+
+    monkeypatch.setitem(tv.NETWORKS, network, dataclasses.replace(spec, builder=offline))
+    session = Session(tmp_path / "pipeline")
+    session.dl.mkdir(parents=True)
+    LabelMap.from_names(CLASSES).write(session.label_map_path)
+    config = Config(network=network, weights="coco", image_size=128, number_of_steps=10)
+
+    with pytest.raises(DownloadError, match="--weights_fallback none"):
+        configure.run(session, config)
+    resolved = configure.run(session, dataclasses.replace(config, weights_fallback="none"))
+    assert resolved.weights == "none"
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "training from scratch instead" in line]
+    assert len(lines) == 1 and f"could not download COCO weights for {network}" in lines[0], err
+    assert "Temporary failure in name resolution" in lines[0]
+    assert "\nweights: \"none\"\n" in session.config_path.read_text()

@@ -21,7 +21,7 @@ from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
 from torchvision.models import detection as tvd
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..errors import ModelError
+from ..errors import DownloadError, ModelError
 from .base import Family, Published, first_line, load_matching
 
 # Learning rates from torchvision's references/detection (README.md and train.py), expressed per
@@ -256,12 +256,14 @@ class Torchvision(Family):
             yield model
 
 
-def download_error(what: str, network: str, cache_dir, exc: BaseException, hub: str = "hub") -> ModelError:
+def download_error(what: str, network: str, cache_dir, exc: BaseException, hub: str = "hub") -> DownloadError:
     """The one message for starting weights that could not be fetched (offline, a bad hash...)."""
     where = f" into {Path(cache_dir) / hub}" if cache_dir is not None else ""
-    return ModelError(
-        f"could not download {what} weights for {network}{where} ({first_line(exc)}); check the "
-        "network, or pass --weights none to train from scratch, or --weights PATH to a state_dict file"
+    what_failed = f"could not download {what} weights for {network}{where} ({first_line(exc)})"
+    return DownloadError(
+        f"{what_failed}; check the network, or pass --weights none to train from scratch (or "
+        "--weights_fallback none, to do so only when the download fails), or --weights PATH to a state_dict file",
+        what_failed,
     )
 
 

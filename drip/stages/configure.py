@@ -22,9 +22,7 @@ def run(session: Session, config: Config, check_model: bool = True) -> Config:
     from .. import models
 
     if check_model:
-        classes = LabelMap.read(session.require(session.label_map_path, "split"))
-        models.build_model(config.network, len(classes) + 1, config.weights, config.image_size, session.cache,
-                           list(classes.names))
+        config = _check_model(session, config)
     optimizer = models.resolve_optimizer(config.optimizer, config.number_of_steps, config.network)
     if optimizer != config.optimizer:
         config = dataclasses.replace(config, optimizer=optimizer)
@@ -36,6 +34,28 @@ def run(session: Session, config: Config, check_model: bool = True) -> Config:
         console.info(f"learning rate {lr:g} (the {config.network} default for batch {config.batch_size})")
     write(session, config)
     session.record_stage("configure", network=config.network, weights=config.weights, learning_rate=config.learning_rate)
+    return config
+
+
+def _check_model(session: Session, config: Config) -> Config:
+    """Build the network once, which downloads its starting weights into the session's cache now;
+    with ``--weights_fallback none`` weights that cannot be downloaded become ``--weights none``."""
+    from .. import models
+    from ..errors import DownloadError
+
+    classes = LabelMap.read(session.require(session.label_map_path, "split"))
+
+    def build(weights: str) -> None:
+        models.build_model(config.network, len(classes) + 1, weights, config.image_size, session.cache,
+                           list(classes.names))
+
+    try:
+        build(config.weights)
+    except DownloadError as exc:
+        if config.weights_fallback != "none":
+            raise
+        console.warn(f"{exc.what_failed}; training from scratch instead (--weights_fallback none)")
+        config = dataclasses.replace(config, weights="none")
     return config
 
 
