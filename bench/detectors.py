@@ -96,7 +96,7 @@ def main() -> None:
         model.to(device).train()
         detectors.set_input_size(model, args.image_size)
         optimizer = torch.optim.AdamW(
-            [{"params": g["params"], "lr": 1e-4 * g["lr_scale"]} for g in detectors.param_groups(model)]
+            [{"params": g["params"], "lr": 1e-4 * g["lr_scale"]} for g in detectors.param_groups(model, "adamw")]
         )
         batch = []
         for image, boxes, labels in scenes[: args.batch_size]:

@@ -217,9 +217,10 @@ def recipe(network: str) -> dict[str, Any]:
     return family(network).recipe(str(network).strip().lower())
 
 
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Trainable parameters grouped as the family's recipe wants (``decay``, ``lr_scale``)."""
-    return family_of(model).param_groups(model)
+def param_groups(model: nn.Module, optimizer: str = "sgd") -> list[dict[str, Any]]:
+    """Trainable parameters grouped as the family's recipe for ``optimizer`` wants (``decay``,
+    ``lr_scale``)."""
+    return family_of(model).param_groups(model, optimizer)
 
 
 def mixed_precision(model: nn.Module, device: torch.device) -> torch.dtype:

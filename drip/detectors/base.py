@@ -128,10 +128,11 @@ class Family:
         """Config values the family's recipe wants where the user kept Drip's default."""
         return {}
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """The trainable parameters in groups: ``decay`` (weight decay applies) and ``lr_scale``
-        (a factor on the learning rate, e.g. a slower backbone)."""
-        return decay_groups(model, lambda name: 1.0)
+    def param_groups(self, model: nn.Module, optimizer: str) -> list[dict[str, Any]]:
+        """The trainable parameters in groups for ``optimizer`` ('sgd' or 'adamw'): ``decay``
+        (weight decay applies) and ``lr_scale`` (a factor on the learning rate, e.g. a slower
+        backbone)."""
+        return decay_groups(model, lambda name, param: 1.0)
 
     def mixed_precision(self, device: torch.device) -> torch.dtype:
         """The autocast dtype on a CUDA ``device`` when ``--amp`` is on."""
@@ -145,7 +146,7 @@ class Family:
 
 
 def decay_groups(model: nn.Module, lr_scale_of) -> list[dict[str, Any]]:
-    """Trainable parameters grouped by (weight decay or not, ``lr_scale_of(qualified name)``).
+    """Trainable parameters grouped by (weight decay or not, ``lr_scale_of(qualified name, parameter)``).
 
     No decay on norm layers and biases; each parameter counted once (shared ones too).
     """
@@ -158,7 +159,7 @@ def decay_groups(model: nn.Module, lr_scale_of) -> list[dict[str, Any]]:
             seen.add(id(param))
             decay = not (isinstance(module, NORMS) or name == "bias")
             full = f"{module_name}.{name}" if module_name else name
-            groups.setdefault((decay, float(lr_scale_of(full))), []).append(param)
+            groups.setdefault((decay, float(lr_scale_of(full, param))), []).append(param)
     order = sorted(groups, key=lambda key: (-key[1], not key[0]))
     return [{"params": groups[key], "decay": key[0], "lr_scale": key[1]} for key in order]
 

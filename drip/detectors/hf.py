@@ -394,9 +394,9 @@ class Transformers(Family):
     def recipe(self, network: str) -> dict[str, Any]:
         return {"grad_clip": GRAD_CLIP}
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+    def param_groups(self, model: nn.Module, optimizer: str) -> list[dict[str, Any]]:
         scale = _backbone_scale(model)
-        return decay_groups(model, lambda name: scale if ".backbone." in f".{name}" else 1.0)
+        return decay_groups(model, lambda name, param: scale if ".backbone." in f".{name}" else 1.0)
 
     def mixed_precision(self, device: torch.device) -> torch.dtype:
         with contextlib.suppress(Exception):

@@ -24,7 +24,7 @@ def build_optimizer(model: nn.Module, config: Config, lr: float) -> torch.optim.
     """SGD (momentum 0.9) or AdamW over the parameter groups the network's family wants
     (``drip.detectors.param_groups``: no weight decay on norm layers and biases, a learning-rate
     factor per group, e.g. a slower backbone)."""
-    groups = detectors.param_groups(model)
+    groups = detectors.param_groups(model, config.optimizer)
     if config.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=lr)
     else:
