@@ -89,3 +89,24 @@ def test_recipe_of_the_detr_families():
     # The authors' rate at their batch (D-FINE-S: 2e-4 at 32), square-root scaled.
     assert detectors.default_learning_rate("dfine_s", 32, "adamw") == pytest.approx(2e-4)
     assert detectors.default_learning_rate("dfine_s", 8, "adamw") == pytest.approx(1e-4)
+
+
+def test_adamw_slows_the_wide_layers_of_torchvision_detectors_and_sgd_does_not():
+    """Under AdamW a weight learns at min(1, 1024 / fan-in) of the rate: the box head's 12,544-input
+    fc6 at 1024/12544, the 3x3 FPN and RPN convolutions (2,304 inputs) at 1024/2304; every
+    parameter is in exactly one group. SGD keeps one rate for all."""
+    from drip import models
+
+    model = models.build_model("fasterrcnn_mobilenet_v3_large_320_fpn", 4, "none", 160)
+    scale_of = {}
+    for group in detectors.param_groups(model, "adamw"):
+        for param in group["params"]:
+            assert id(param) not in scale_of
+            scale_of[id(param)] = group["lr_scale"]
+    named = dict(model.named_parameters())
+    assert len(scale_of) == len(named)
+    assert scale_of[id(named["roi_heads.box_head.fc6.weight"])] == pytest.approx(1024 / 12544)
+    assert scale_of[id(named["rpn.head.conv.0.0.weight"])] == pytest.approx(1024 / 2304)
+    assert scale_of[id(named["roi_heads.box_head.fc7.weight"])] == 1.0  # 1,024 inputs
+    assert scale_of[id(named["roi_heads.box_head.fc6.bias"])] == 1.0
+    assert {g["lr_scale"] for g in detectors.param_groups(model, "sgd")} == {1.0}

@@ -22,7 +22,7 @@ from torchvision.models import detection as tvd
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..errors import DownloadError, ModelError
-from .base import Family, Published, first_line, load_matching
+from .base import Family, Published, decay_groups, first_line, load_matching
 
 # Learning rates from torchvision's references/detection (README.md and train.py), expressed per
 # image because the reference recipes ran on 8 GPUs: train.py's default --lr 0.02 is "for 8 GPUs
@@ -37,6 +37,15 @@ _SSDLITE_LR = 0.15 / (8 * 24)
 # measured it against 3e-3 (training collapsed) on the CPU. Scaled by the square root of the
 # batch, the usual rule for Adam-type optimizers.
 ADAMW_LR_AT_4 = 1.4e-3
+# Under AdamW a weight with more inputs than this learns at ADAMW_FAN_IN / fan_in of the rate.
+# Adam moves every weight by about the learning rate whatever its gradient, so a layer's output
+# moves in proportion to its fan-in: at 1.4e-3 the Faster R-CNN box head's first layer (12,544
+# inputs, initialised at about 0.005) changes by a quarter of its size each step, and the FPN's
+# and RPN's 3x3 convolutions (2,304 inputs, no norm after them) by about 2%. The 1/fan-in rate is
+# muP's rule for Adam (Yang et al., "Tensor Programs V", 2022). Layers up to 1,024 inputs (most
+# of the backbones', whose batch norms undo a weight's scale anyway) keep the full rate.
+# Measured on the quick start's sample from scratch: eval AP50 0.23 -> 0.38 at 300 steps.
+ADAMW_FAN_IN = 1024
 _TV_SOURCE = "torchvision model docs (weights' COCO-val2017 box_map, num_params)"
 
 
@@ -112,6 +121,11 @@ class Torchvision(Family):
     name = "torchvision"
     networks = NETWORKS
     start_points = ("coco", "imagenet", "none")
+
+    def param_groups(self, model: nn.Module, optimizer: str) -> list[dict[str, Any]]:
+        if optimizer != "adamw":
+            return super().param_groups(model, optimizer)
+        return decay_groups(model, lambda name, param: adamw_lr_scale(param))
 
     def owns(self, model: nn.Module) -> bool:
         return isinstance(model, tvd.generalized_rcnn.GeneralizedRCNN) or isinstance(
@@ -254,6 +268,12 @@ class Torchvision(Family):
     def onnx_export(self, model: nn.Module) -> Iterator[nn.Module]:
         with _traceable_box_resize():
             yield model
+
+
+def adamw_lr_scale(param: torch.Tensor) -> float:
+    """The learning-rate factor of a weight under AdamW: ``ADAMW_FAN_IN / fan_in``, at most 1."""
+    fan_in = param[0].numel() if param.dim() > 1 else 0
+    return min(1.0, ADAMW_FAN_IN / fan_in) if fan_in else 1.0
 
 
 def download_error(what: str, network: str, cache_dir, exc: BaseException, hub: str = "hub") -> DownloadError:
