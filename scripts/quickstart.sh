@@ -3,8 +3,8 @@
 # files/test_images/, writes the drawn results to files/results/ and scores them against
 # files/test_images/annotations.json (AP50, and the images where every object was found).
 #
-# It trains from scratch (--weights none) at 160 px for 300 steps, so that it needs no download
-# and takes a few minutes on a laptop CPU; for your own data keep COCO weights (the default).
+# It trains for 300 steps at 224 px from COCO weights, or from scratch when they cannot be
+# downloaded (--weights_fallback none), and takes under 5 minutes on a 2-core laptop CPU.
 #
 # Where it runs is decided once, here: in Drip's container when a Docker engine answers (the
 # host then gets only the Docker SDK in .venv, no PyTorch), else locally (.venv gets Drip and
@@ -38,17 +38,20 @@ PY=.venv/bin/python
 device=()
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || device=(--device cpu)
 
-# 160 px: the sample objects are then 30-60 px, what the network's smallest anchors (32 px) fit,
-# and a step costs about two thirds of one at 256 px. 128 sampled regions per image instead of torchvision's 512:
-# the sample images hold one to four objects, and on a CPU the box head is most of a step.
+# From COCO weights where they can be downloaded, else from scratch (one line says which).
+# 224 px: from scratch at 160 px the triangles' boxes came out too small (the network sees the
+# image at 1/16 and 1/32 of its size), and every object was found on 0-4 of the 8 test images in
+# 300-600 steps; at 224 px all 8 (BENCHMARKS.md#quick-start). 32 sampled regions per image instead of
+# torchvision's 512: the sample images hold one to four objects, and on a CPU the box head's
+# RoIAlign backward is most of a step.
 $PY training_starter.py --runtime "$runtime" \
     --src_json_path files/metadata.json \
     --image_folder_path files/images/ \
     --class_map_path files/class_map.pbtxt \
     --network fasterrcnn_mobilenet_v3_large_320_fpn \
-    --weights none \
-    --image_size 160 \
-    --box_batch_size_per_image 128 \
+    --weights coco --weights_fallback none \
+    --image_size 224 \
+    --box_batch_size_per_image 32 \
     --number_of_steps 300 \
     --augmentations 1 \
     "${device[@]}" \
