@@ -62,7 +62,14 @@ class Context:
             return
         timeout = datetime.timedelta(minutes=float(timeout_minutes))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+        # torchrun's agent keeps one rendezvous store across elastic restarts, and PyTorch 2.14
+        # no longer namespaces the workers' keys by attempt: a restarted rank could read the
+        # listening address of the dead attempt's rank and fail gloo's "connectFullMesh" with
+        # "Connection refused". Each attempt gets its own prefix in that store.
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"drip/attempt_{attempt}", store), rank=rank,
+                                world_size=world, timeout=timeout, device_id=device if device.type == "cuda" else None)
         self._control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
 
     def any(self, flag: bool) -> bool:
