@@ -17,7 +17,7 @@ It prints the figures beside the goals a first run has to meet on a 2-core CPU w
 
 The quick start writes to ``pipeline/`` and ``files/results/`` of this checkout, as for a user
 (earlier results go to their ``trash/`` folders). It prints where each goal stands; it is a
-measurement, not a test: ``tests/test_quickstart.py`` asserts the detections on a shorter run.
+measurement, not a test: ``tests/test_quickstart.py`` asserts the detections of the same run.
 """
 
 from __future__ import annotations
