@@ -44,13 +44,9 @@ def _check_model(session: Session, config: Config) -> Config:
     from ..errors import DownloadError
 
     classes = LabelMap.read(session.require(session.label_map_path, "split"))
-
-    def build(weights: str) -> None:
-        models.build_model(config.network, len(classes) + 1, weights, config.image_size, session.cache,
-                           list(classes.names))
-
     try:
-        build(config.weights)
+        models.build_model(config.network, len(classes) + 1, config.weights, config.image_size, session.cache,
+                           list(classes.names))
     except DownloadError as exc:
         if config.weights_fallback != "none":
             raise
