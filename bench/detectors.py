@@ -11,7 +11,7 @@ nothing is downloaded), on synthetic scenes at ``--image_size`` (640, Drip's def
 * inference, PyTorch: ``drip.detectors.forward_batch`` one image at a time in evaluation mode,
   as ``drip infer --batch_size 1`` runs it;
 * inference, ONNX Runtime: the model exported by ``drip export`` (opset 17, post-processing in
-  the graph), run by ``drip.onnx_infer.predict`` as ``drip infer --model x.onnx`` runs it;
+  the graph), run by ``drip.deploy.onnx_infer.predict`` as ``drip infer --model x.onnx`` runs it;
 * training: images/s of one optimizer step (``drip.detectors.losses``, backward, AdamW over the
   family's parameter groups) at ``--batch_size`` images, as the train loop does one.
 
@@ -51,9 +51,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from drip import detectors, models, onnx_infer
-    from drip.export import export
-    from drip.synthetic import CLASSES, draw_scene
+    from drip import detectors
+    from drip.detectors import models
+    from drip.deploy import onnx_infer
+    from drip.deploy.export import export
+    from drip.data.synthetic import CLASSES, draw_scene
 
     device = torch.device(args.device)
     info = machine(str(device))

@@ -14,7 +14,7 @@ folder of synthetic 640x480 JPEGs, and in one run:
 * drip b1 / drip bN: ``drip infer`` (``drip.stages.infer.run_loaded``) at batch 1 and batch N:
   Pillow resize before the model, ``torch.inference_mode()``, one JSON and one drawn JPEG per
   image, the group's detections.json;
-* drip onnx: ``drip infer --model model.onnx`` (``drip.onnx_infer``), the same files written;
+* drip onnx: ``drip infer --model model.onnx`` (``drip.deploy.onnx_infer``), the same files written;
 * forward only, PyTorch vs ONNX Runtime: the model alone on images decoded beforehand, batch 1,
   both on the CPU with the same number of threads (``--threads``, default: the cores).
 
@@ -73,7 +73,7 @@ def drip_infer(loaded, model_path: Path, images: Path, out: Path, batch: int, de
 
 
 def drip_onnx(onnx_path: Path, images: Path, out: Path, threads: int, threshold: float) -> float:
-    from drip import onnx_infer
+    from drip.deploy import onnx_infer
     from drip.config import InferConfig
 
     config = InferConfig().updated(
@@ -94,9 +94,9 @@ def forward_only(loaded_cpu, onnx_model, pil_images, size: int) -> tuple[float, 
     """Seconds of PyTorch and of ONNX Runtime for the model alone, batch 1, on the CPU."""
     import torch
 
-    from drip import onnx_infer
-    from drip.evaluate import evaluation_mode
-    from drip.export import SCORE_FLOOR
+    from drip.deploy import onnx_infer
+    from drip.evaluation.metrics import evaluation_mode
+    from drip.deploy.export import SCORE_FLOOR
     from drip.stages.infer import forward_batch
 
     # The exported graph keeps every detection from SCORE_FLOOR: give PyTorch the same floor.
@@ -128,9 +128,10 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from drip import models, onnx_infer
-    from drip.export import export
-    from drip.synthetic import CLASSES, make_dataset
+    from drip.detectors import models
+    from drip.deploy import onnx_infer
+    from drip.deploy.export import export
+    from drip.data.synthetic import CLASSES, make_dataset
 
     threads = args.threads or cores()
     torch.set_num_threads(threads)

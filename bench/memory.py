@@ -39,10 +39,10 @@ train.run(Session(Path({session!r})), config)
 
 def write_session(folder: Path, n: int, pool: list[tuple[bytes, list, list]]) -> Path:
     """A session holding ``n`` training records (cycling through ``pool``), as the records stage leaves it."""
-    from drip.labelmap import LabelMap
+    from drip.data.labelmap import LabelMap
     from drip.session import Session, write_json
-    from drip.synthetic import CLASSES
-    from drip.tfrecord import DetectionExample, TFRecordWriter, encode_example
+    from drip.data.synthetic import CLASSES
+    from drip.data.tfrecord import DetectionExample, TFRecordWriter, encode_example
 
     session = Session(folder)
     session.start_new()
@@ -70,8 +70,8 @@ def write_session(folder: Path, n: int, pool: list[tuple[bytes, list, list]]) ->
 def image_pool(k: int = 32) -> list[tuple[bytes, list, list]]:
     import numpy as np
 
-    from drip.images import encode_jpeg
-    from drip.synthetic import CLASSES, draw_scene
+    from drip.data.images import encode_jpeg
+    from drip.data.synthetic import CLASSES, draw_scene
 
     rng = np.random.default_rng(0)
     pool = []

@@ -88,7 +88,7 @@ def main() -> int:
     info = machine("cpu")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="drip-bench-pre-"))
     try:
-        from drip.synthetic import make_dataset, write_drip_json
+        from drip.data.synthetic import make_dataset, write_drip_json
 
         images = workdir / "images"
         annotations = make_dataset(images, n, size=(640, 480), seed=0)

@@ -1,7 +1,7 @@
 """Does Drip's training recipe learn better than a plain torchvision loop? A CPU benchmark.
 
 Builds a small synthetic detection set (coloured circles, squares and triangles on textured
-backgrounds, several per image: ``drip.synthetic``), then trains the same network from scratch
+backgrounds, several per image: ``drip.data.synthetic``), then trains the same network from scratch
 for the same number of steps, batch size and image size, twice:
 
 * **Drip**: the real pipeline (split, augment, records, configure, train) with Drip's defaults,
@@ -12,7 +12,7 @@ for the same number of steps, batch size and image size, twice:
   over the first epoch, random horizontal flips only, no gradient clipping, no EMA.
 
 Both train on the same images (the plain loop reads the training half of Drip's split) and are
-scored on a third set of images neither has seen, with ``drip.evaluate`` (pycocotools' COCOeval).
+scored on a third set of images neither has seen, with ``drip.evaluation.metrics`` (pycocotools' COCOeval).
 Drip picks its exported model by AP on its own eval split; the test set keeps that choice honest.
 
     .venv/bin/python bench/recipe.py            # the full run (about 20-25 min on 2 CPU cores)
@@ -43,12 +43,13 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from drip import models, pipeline  # noqa: E402
-from drip.annotations import load_annotations  # noqa: E402
-from drip.evaluate import ImageTruth, coco_metrics, predict  # noqa: E402
+from drip.detectors import models  # noqa: E402
+from drip.runtime import local  # noqa: E402
+from drip.data.annotations import load_annotations  # noqa: E402
+from drip.evaluation.metrics import ImageTruth, coco_metrics, predict  # noqa: E402
 from drip.parallel import cores  # noqa: E402
 from drip.session import Session  # noqa: E402
-from drip.synthetic import CLASSES, make_dataset, write_drip_json  # noqa: E402
+from drip.data.synthetic import CLASSES, make_dataset, write_drip_json  # noqa: E402
 
 NETWORK = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
@@ -168,7 +169,7 @@ def run_drip(workdir: Path, data: dict, args) -> dict:
         overrides[key.strip()] = value.strip()
     print(f"\n== drip: {overrides}", flush=True)
     started = time.perf_counter()
-    pipeline.train(workdir / "drip", overrides)
+    local.train(workdir / "drip", overrides)
     seconds = time.perf_counter() - started
     session = Session(workdir / "drip")
     loaded = models.load_model(session.model_path, "cpu")

@@ -41,7 +41,8 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from drip import distributed, models
+    from drip.training import distributed
+    from drip.detectors import models
     from drip.config import Config
     from drip.training.loop import Trainer
     from drip.training.optim import build_optimizer, build_scheduler

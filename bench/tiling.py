@@ -60,8 +60,8 @@ def write_canvases(folder: Path, names: list[str], size: int, n: int, seed: int,
     """Canvases under ``folder`` and their Drip JSON, ``folder``.json; returns the JSON's path."""
     import numpy as np
 
-    from drip.dataset import ImageAnnotation
-    from drip.synthetic import write_drip_json
+    from drip.data.dataset import ImageAnnotation
+    from drip.data.synthetic import write_drip_json
 
     rng = np.random.default_rng(seed)
     annotations = []
@@ -86,14 +86,14 @@ def score(model: Path, images: Path, annotations: Path, out: Path, tile_size: in
 
 
 def _score_child(model: str, images: str, annotations: str, out: str, tile_size: str, batch: str) -> None:
-    from drip import pipeline
+    from drip.runtime import local
 
     overrides = {"model": model, "images_path": images, "src_json_path": annotations, "results_path": out,
                  "batch_size": int(batch), "device": "cpu"}
     if tile_size:
         overrides["tile_size"] = int(tile_size)
     start = time.perf_counter()
-    result = pipeline.evaluate(Path(tempfile.gettempdir()), overrides)
+    result = local.evaluate(Path(tempfile.gettempdir()), overrides)
     seconds = time.perf_counter() - start
     stats = result.metrics.stats()
     print(json.dumps({
@@ -113,7 +113,7 @@ def _peak_rss_kb() -> int:
 
 
 def train(session: Path, train_json: Path, images: Path, steps: int, size: int, tile: int | None) -> float:
-    from drip import pipeline
+    from drip.runtime import local
 
     overrides = {
         "src_json_path": str(train_json), "image_folder_path": str(images), "network": NETWORK, "weights": "none",
@@ -123,7 +123,7 @@ def train(session: Path, train_json: Path, images: Path, steps: int, size: int, 
     if tile:
         overrides |= {"tile_size": tile, "tile_overlap": 0.3}
     start = time.perf_counter()
-    pipeline.train(session, overrides)
+    local.train(session, overrides)
     return time.perf_counter() - start
 
 

@@ -95,7 +95,7 @@ def prepare(workdir: Path, n: int):
     from drip.config import Config
     from drip.session import Session
     from drip.stages import augment, configure, records, split
-    from drip.synthetic import make_dataset, write_drip_json
+    from drip.data.synthetic import make_dataset, write_drip_json
 
     images = workdir / "images"
     write_drip_json(workdir / "metadata.json", make_dataset(images, n, size=(640, 480), seed=0))
@@ -124,7 +124,7 @@ class ReferenceDataset:
     """The reference's CocoDetection + presets, on Drip's split manifest: decode, flip, tensors."""
 
     def __init__(self, session, flip: float = 0.5):
-        from drip.dataset import read_drip_json, resolve_image
+        from drip.data.dataset import read_drip_json, resolve_image
         from drip.session import read_json
 
         data = read_json(session.train_manifest)
@@ -162,8 +162,8 @@ def collate_fn(batch):
 def run_reference(session, network: str, image_size: int, batch_size: int, steps: int, workers: int, device, clock: StepClock):
     import torch
 
-    from drip import models
-    from drip.synthetic import CLASSES
+    from drip.detectors import models
+    from drip.data.synthetic import CLASSES
 
     torch.manual_seed(0)
     model = models.build_model(network, len(CLASSES) + 1, "none", image_size).to(device)
@@ -211,7 +211,7 @@ def main() -> int:
 
     import torch
 
-    from drip import models
+    from drip.detectors import models
 
     device = models.resolve_device(args.device)
     gpu = device.type == "cuda"

@@ -3,7 +3,7 @@
 Flags are generated from the config dataclasses (``drip.config``), so a flag, its config key, its
 range and its help text never drift apart. This module imports only the standard library at the
 top: ``--help`` answers at once, and the host-side starters reuse these parsers. The work itself
-(``drip.pipeline``, the stages) is imported only when a command runs.
+(``drip.runtime.local``, the stages) is imported only when a command runs.
 
     drip train   [flags]            split -> augment -> records -> configure -> train
     drip infer   [flags]            run a trained model on a folder of folders of images
@@ -23,9 +23,9 @@ import difflib
 import sys
 from pathlib import Path
 
-from . import torchrun
 from .config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig
-from .errors import DripError
+from .errors import DripError, guarded
+from .runtime import torchrun
 
 DEFAULT_SESSION_FOLDER = "pipeline/"
 STAGES = ("split", "augment", "records", "configure", "train")
@@ -353,9 +353,9 @@ def run_command(command: str, args: argparse.Namespace) -> int:
     onnx = command == "infer" and str(getattr(args, "model", None) or "").lower().endswith(".onnx")
     try:
         if onnx:
-            from . import onnx_infer
+            from .deploy import onnx_infer
         else:
-            from . import pipeline
+            from .runtime import local
     except ImportError as exc:
         if (exc.name or "drip").split(".")[0] == "drip":
             raise  # our own import broke: a bug, keep the traceback
@@ -367,41 +367,29 @@ def run_command(command: str, args: argparse.Namespace) -> int:
         onnx_infer.run(InferConfig().updated(given(args, InferConfig), CLI), session_folder)
         return 0
     if command == "train":
-        pipeline.train(session_folder, given(args, Config), resume=args.resume_training, launch=torchrun.from_args(args))
+        local.train(session_folder, given(args, Config), resume=args.resume_training, launch=torchrun.from_args(args))
     elif command == "stage":
-        pipeline.run_stage(args.name, session_folder, given(args, Config), resume=args.resume_training,
+        local.run_stage(args.name, session_folder, given(args, Config), resume=args.resume_training,
                            launch=torchrun.from_args(args))
     elif command == "infer":
-        pipeline.infer(session_folder, given(args, InferConfig), launch=torchrun.from_args(args))
+        local.infer(session_folder, given(args, InferConfig), launch=torchrun.from_args(args))
     elif command == "evaluate":
-        pipeline.evaluate(session_folder, given(args, EvaluateConfig))
+        local.evaluate(session_folder, given(args, EvaluateConfig))
     elif command == "export":
-        pipeline.export(session_folder, given(args, ExportConfig))
+        local.export(session_folder, given(args, ExportConfig))
     elif command == "report":
-        pipeline.report(session_folder, given(args, ReportConfig))
+        local.report(session_folder, given(args, ReportConfig))
     elif command == "networks":
-        pipeline.list_networks()
+        local.list_networks()
     return 0
-
-
-def guarded(fn, *args) -> int:
-    """Run ``fn``; a DripError becomes one line on stderr and its exit code, never a traceback."""
-    try:
-        return fn(*args)
-    except DripError as exc:
-        print(f"drip: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("drip: interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "doctor":  # host side: needs the Docker SDK, not PyTorch
-        from . import docker_runtime
+        from .runtime import docker
 
-        return guarded(docker_runtime.doctor, args.session_folder, args.base_image)
+        return guarded(docker.doctor, args.session_folder, args.base_image)
     return guarded(run_command, args.command, args)
 
 
@@ -409,4 +397,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["CLI", "main", "build_parser", "run_command", "guarded"]
+__all__ = ["CLI", "main", "build_parser", "run_command"]

@@ -2,8 +2,10 @@
 
 Every error a user can cause is a ``DripError`` whose message is one line that names the value,
 what was expected and how to fix it. The CLI prints that line and exits non-zero; anything else
-that escapes is a bug in Drip and keeps its traceback.
+that escapes is a bug in Drip and keeps its traceback (``guarded`` draws that line).
 """
+
+import sys
 
 
 class DripError(Exception):
@@ -47,3 +49,15 @@ class DistributedError(DripError):
     """The process group failed: a rank died, hung, or the machines could not meet."""
 
     exit_code = 1
+
+
+def guarded(fn, *args) -> int:
+    """Run ``fn``; a DripError becomes one line on stderr and its exit code, never a traceback."""
+    try:
+        return fn(*args)
+    except DripError as exc:
+        print(f"drip: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("drip: interrupted", file=sys.stderr)
+        return 130

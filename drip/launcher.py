@@ -13,7 +13,7 @@ import os
 import sys
 
 from . import cli
-from .errors import DripError
+from .errors import DripError, guarded
 
 RUNTIMES = ("auto", "local", "docker")
 
@@ -115,10 +115,10 @@ def docker_unavailable_reason(timeout: float = 2.0) -> str | None:
 
     Fast: when no engine listens the socket refuses at once, and a hung one gets ``timeout``.
     """
-    from . import docker_runtime
+    from .runtime import docker
 
     try:
-        docker_runtime.connect(timeout=timeout)
+        docker.connect(timeout=timeout)
     except DripError as exc:
         return str(exc)
     return None
@@ -148,8 +148,8 @@ def main(command: str, argv: list[str] | None = None, prog: str | None = None) -
             if docker_only:
                 print(f"[drip] {', '.join(docker_only)}: no effect with the local runtime", file=sys.stderr)
             return cli.run_command(command, args)
-        from . import docker_runtime
+        from .runtime import docker
 
-        return docker_runtime.run(command, args)
+        return docker.run(command, args)
 
-    return cli.guarded(run)
+    return guarded(run)

@@ -13,7 +13,7 @@ Layout under ``--session_folder`` (default ``pipeline/``)::
       logs/                   TensorBoard event files
       metrics.jsonl           one row of COCO metrics per evaluation during training
       model.pt                the exported model (the best by AP on the eval split)
-      report/                 index.html and the pictures it shows (drip.report)
+      report/                 index.html and the pictures it shows (drip.evaluation.report)
     images_augmented/         augmented training images and annotations.json
     images_tiled/             with --tile_size: the training images as tiles (and the small
                               ones whole), which split/train.json then lists

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drip.labelmap import LabelMap  # noqa: E402
-from drip.synthetic import CLASSES, make_dataset, write_drip_json  # noqa: E402
+from drip.data.labelmap import LabelMap  # noqa: E402
+from drip.data.synthetic import CLASSES, make_dataset, write_drip_json  # noqa: E402
 
 import shutil  # noqa: E402
 

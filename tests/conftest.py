@@ -20,7 +20,7 @@ set_hypothesis_home_dir(ROOT / ".pytest_cache" / "hypothesis")
 
 from drip.config import Config  # noqa: E402
 from drip.session import Session  # noqa: E402
-from drip.synthetic import make_dataset, write_drip_json  # noqa: E402
+from drip.data.synthetic import make_dataset, write_drip_json  # noqa: E402
 
 
 @pytest.fixture

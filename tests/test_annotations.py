@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from drip.annotations import load_annotations
+from drip.data.annotations import load_annotations
 from drip.errors import InputError
-from drip.synthetic import make_dataset, write_drip_json
+from drip.data.synthetic import make_dataset, write_drip_json
 
 
 @pytest.fixture

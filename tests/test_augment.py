@@ -1,4 +1,4 @@
-"""Augmentation policies (drip.augment) and the augment stage (drip.stages.augment)."""
+"""Augmentation policies (drip.data.augment) and the augment stage (drip.stages.augment)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drip.augment import BUILTIN_SOURCE, load_policy, reseed
-from drip.dataset import to_drip_json
+from drip.data.augment import BUILTIN_SOURCE, load_policy, reseed
+from drip.data.dataset import to_drip_json
 from drip.errors import ConfigError, SessionError
-from drip.labelmap import LabelMap
+from drip.data.labelmap import LabelMap
 from drip.session import Session, read_json, write_json
 from drip.stages import augment
-from drip.synthetic import CLASSES
+from drip.data.synthetic import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def test_default_policy_loads_builds_and_moves_boxes():
 
 
 def test_shipped_policy_file_is_the_builtin_one():
-    builtin = resources.files("drip.policies").joinpath("default.yaml").read_text(encoding="utf-8")
+    builtin = resources.files("drip.data.policies").joinpath("default.yaml").read_text(encoding="utf-8")
     assert (ROOT / "files" / "augmentations.yaml").read_text(encoding="utf-8") == builtin
 
 
@@ -135,7 +135,7 @@ def test_unknown_bbox_setting_suggests(tmp_path):
 
 def test_transforms_choose_independently():
     # Seeding every transform with the same number would flip both axes or neither, never one.
-    from drip.augment import parse_policy
+    from drip.data.augment import parse_policy
 
     text = "transforms:\n  - HorizontalFlip: {p: 0.5}\n  - VerticalFlip: {p: 0.5}\n"
     transform = parse_policy(text, "test").build()
@@ -255,7 +255,7 @@ def test_missing_train_manifest_names_the_split_stage(session, config):
 
 
 def test_manifest_is_valid_drip_json(session, config, split):
-    from drip.dataset import read_drip_json
+    from drip.data.dataset import read_drip_json
 
     augment.run(session, config, workers=1)
     text = session.augmented_manifest.read_text(encoding="utf-8")
@@ -285,7 +285,7 @@ def test_sub_pixel_boxes_do_not_crash_bbox_safe_crops():
     # of one pixel drops such boxes first (seen about twice in 5000 images with min_area 0).
     import numpy as np
 
-    from drip.augment import parse_policy
+    from drip.data.augment import parse_policy
 
     policy = parse_policy(
         "bbox: {min_area: 0, min_visibility: 0}\ntransforms:\n  - BBoxSafeRandomCrop: {p: 1.0}\n", "test.yaml"

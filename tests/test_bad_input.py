@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drip.dataset import ImageAnnotation
+from drip.data.dataset import ImageAnnotation
 from drip.errors import InputError
-from drip.images import encode_for_record, load_rgb, open_rgb
-from drip.labelmap import LabelMap
+from drip.data.images import encode_for_record, load_rgb, open_rgb
+from drip.data.labelmap import LabelMap
 from drip.session import Session
 from drip.stages import split
-from drip.synthetic import write_drip_json
+from drip.data.synthetic import write_drip_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Property tests of box geometry: conversions round-trip, augmented boxes stay usable.
 
-The conversions of ``drip.boxes`` link every format Drip reads or writes (COCO ``xywh``, Pascal
+The conversions of ``drip.data.boxes`` link every format Drip reads or writes (COCO ``xywh``, Pascal
 VOC's 1-based inclusive corners, the normalized boxes of TFRecords and inference results) to the
 pixel ``xyxy`` the stages exchange. Augmentation must hand the records stage boxes inside the
 augmented image with a positive size, whatever the image, the boxes and the random draw.
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drip import boxes
-from drip.augment import load_policy, parse_policy, reseed
+from drip.data import boxes
+from drip.data.augment import load_policy, parse_policy, reseed
 from drip.stages.augment import _inside
 
 FAST = settings(

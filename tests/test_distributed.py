@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from drip import distributed, torchrun
+from drip.training import distributed
+from drip.runtime import torchrun
 from drip.config import Config
-from drip.data import StepBatchSampler
+from drip.data.records import StepBatchSampler
 from drip.errors import ConfigError
 from drip.session import Session
 from drip.stages import configure, records, split
-from drip.synthetic import make_dataset, write_drip_json
+from drip.data.synthetic import make_dataset, write_drip_json
 from test_interrupt import Child
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def test_ranks_together_read_each_steps_global_batch(world):
 def test_torchrun_command_lines(tmp_path):
     one = torchrun.torchrun_argv(torchrun.Launch(nproc_per_node="2"), 2, tmp_path, resume=False, dist_timeout=1)
     assert one[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in one
-    assert one[one.index("--nproc-per-node") + 1] == "2" and one[-4:] == ["-m", "drip.distributed", "--session_folder",
+    assert one[one.index("--nproc-per-node") + 1] == "2" and one[-4:] == ["-m", "drip.runtime.worker", "--session_folder",
                                                                          str(tmp_path)]
     two = torchrun.torchrun_argv(torchrun.Launch("1", 2, 1, "10.0.0.1:29400", 3), 1, tmp_path, resume=True,
                                  dist_timeout=5)
@@ -80,7 +81,7 @@ def test_failure_report_becomes_one_line(tmp_path):
 
     failure = ProcessFailure(local_rank=1, pid=4321, exitcode=-signal.SIGKILL, error_file=str(tmp_path / "none.json"))
     report = tmp_path / "torchrun.log"
-    report.write_text("earlier run\n" + ChildFailedError("drip.distributed", {1: failure}).format_msg())
+    report.write_text("earlier run\n" + ChildFailedError("drip.runtime.worker", {1: failure}).format_msg())
     (tmp_path / "rank-1.log").write_text("[drip] rank 1 of 2\n")
     line = torchrun.failure_line(report, len("earlier run\n"), tmp_path, 1)
     assert "\n" not in line
@@ -257,7 +258,7 @@ def test_two_nodes_meet_at_127_0_0_1_and_finish_together(prepared, tmp_path):
 def test_a_killed_worker_is_survived_with_restarts(prepared, tmp_path):
     session = fresh(prepared, tmp_path)
     # One kill, one restart allowed: the restarted ranks must meet at the first try. Before each
-    # attempt had its own prefix in torchrun's store (drip/distributed.py), a restarted rank could
+    # attempt had its own prefix in torchrun's store (drip/training/distributed.py), a restarted rank could
     # dial the dead attempt's address ("Connection refused") and use up the restart.
     run = after_first_checkpoint(session, "--max_restarts", "1")
     os.kill(rank_pid(session, 1), signal.SIGKILL)
@@ -300,7 +301,7 @@ def test_ctrl_c_saves_one_checkpoint_and_leaves_no_process(prepared, tmp_path):
 
 @slow
 def test_inference_on_two_processes_writes_what_one_writes(tmp_path):
-    from drip import models
+    from drip.detectors import models
 
     torch.manual_seed(0)
     model = models.build_model("fasterrcnn_mobilenet_v3_large_320_fpn", 4, "none", 64)

@@ -79,7 +79,7 @@ def drip_image():
             pytest.fail("scripts/docker_engine.sh start failed (see its output above)")
         started_engine = True
     try:
-        from drip import docker_runtime as dr
+        from drip.runtime import docker as dr
 
         client = dr.connect()
         try:
@@ -362,7 +362,7 @@ def test_training_in_the_container_on_the_gpu(drip_image, workdir, user):
     """--gpus all --device cuda: the container gets the GPU and trains on it, mixed precision."""
     import torch
 
-    from drip import docker_runtime as dr
+    from drip.runtime import docker as dr
 
     if dr.nvidia_runtime(dr.connect().info()) is False:
         reason = f"this machine has a GPU but the Docker engine cannot pass it on: {dr.NVIDIA_FIX}"

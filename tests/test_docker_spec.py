@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from drip import docker_runtime as dr
+from drip.runtime import docker as dr
 from drip import launcher
-from drip.docker_runtime import GIB, Host, Identity
+from drip.runtime.docker import GIB, Host, Identity
 from drip.errors import DripError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,7 +293,7 @@ def test_tensorboard_listens_on_the_containers_loopback_behind_a_relay(project):
     s = spec("train", ["--tensorboard_port", "7007"], project)
     assert s.tensorboard[-4:] == ["--host", "127.0.0.1", "--port", "6006"]
     assert s.tensorboard[s.tensorboard.index("--logdir") + 1] == f"{project}/pipeline/dl/logs"
-    assert s.tensorboard_relay == ["python", "-m", "drip.forward", "--unix", f"{dr.RELAY_DIR}/{dr.RELAY_SOCKET}",
+    assert s.tensorboard_relay == ["python", "-m", "drip.runtime.relay", "--unix", f"{dr.RELAY_DIR}/{dr.RELAY_SOCKET}",
                                    "--to", "127.0.0.1:6006"]
     assert s.tensorboard_url == "http://127.0.0.1:7007/"
 
@@ -363,7 +363,8 @@ def test_build_context_holds_only_what_the_image_installs(tmp_path):
 
 def test_real_build_context_has_no_data_sessions_or_venv():
     pytest.importorskip("docker")
-    files = dr.context_files(ROOT)
+    assert dr.project_root() == ROOT  # the clone holding the Dockerfile, wherever the module sits in it
+    files = dr.context_files(dr.project_root())
     assert "Dockerfile" in files and "requirements.txt" in files and "drip/cli.py" in files
     assert not [f for f in files if f.startswith(("files/", "pipeline/", ".venv/", ".git/", "tests/"))]
 

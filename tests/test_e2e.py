@@ -16,7 +16,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from drip.synthetic import make_dataset
+from drip.data.synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -187,7 +187,7 @@ def test_train_from_other_formats(data, tmp_path, fmt):
 
 def test_a_roboflow_yolo_export_trains_and_infers_with_the_same_commands(tmp_path):
     """The dataset as Roboflow exports it: data.yaml with ../train/images, val honoured, scored."""
-    from drip.synthetic import make_roboflow_yolo
+    from drip.data.synthetic import make_roboflow_yolo
 
     root = tmp_path / "Shapes v1 (yolov8)"
     make_roboflow_yolo(root, 8, 3, 2, seed=6)

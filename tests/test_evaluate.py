@@ -1,4 +1,4 @@
-"""drip.evaluate: COCO metrics equal pycocotools' own, on records, on annotations, from the CLI.
+"""drip.evaluation.metrics: COCO metrics equal pycocotools' own, on records, on annotations, from the CLI.
 
 The reference numbers are computed here independently, the way a COCO user would: ground
 truth and results written as COCO JSON files, ``COCO(gt.json).loadRes(dets.json)`` and
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from drip import evaluate
-from drip.evaluate import ImageDetections, ImageTruth, coco_metrics
+from drip.evaluation import metrics as evaluate
+from drip.evaluation.metrics import ImageDetections, ImageTruth, coco_metrics
 
 CLASSES = ["cat", "dog", "bird", "ghost"]  # "ghost" never has ground truth
 
@@ -220,9 +220,9 @@ class OracleDetector(torch.nn.Module):
 
 def write_records(path: Path, n: int, seed: int = 0):
     """A shard of ``n`` synthetic images as the records stage writes them; their normalized GT."""
-    from drip.images import encode_jpeg
-    from drip.synthetic import draw_scene
-    from drip.tfrecord import DetectionExample, TFRecordWriter, encode_example
+    from drip.data.images import encode_jpeg
+    from drip.data.synthetic import draw_scene
+    from drip.data.tfrecord import DetectionExample, TFRecordWriter, encode_example
 
     rng = np.random.default_rng(seed)
     answers = []
@@ -253,7 +253,7 @@ def test_evaluate_records_with_a_perfect_model(tmp_path):
 
 
 def test_evaluation_mode_lowers_and_restores_a_torchvision_floor(exported):
-    from drip.models import load_model
+    from drip.detectors.models import load_model
 
     model = load_model(exported).model.train()
     rpn_floor = model.rpn.score_thresh
@@ -269,7 +269,7 @@ def test_evaluation_mode_lowers_and_restores_a_torchvision_floor(exported):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A random-init detector exported as training exports it, in a folder with a space."""
-    from drip import models
+    from drip.detectors import models
 
     torch.manual_seed(0)
     network = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -281,7 +281,7 @@ def exported(tmp_path_factory):
 
 def test_drip_evaluate_writes_the_metrics_json(tmp_path, exported, capsys):
     from drip.cli import main
-    from drip.synthetic import make_dataset, write_drip_json
+    from drip.data.synthetic import make_dataset, write_drip_json
 
     images = tmp_path / "my images"
     annotations = make_dataset(images, 4, seed=2)
@@ -312,7 +312,7 @@ def test_drip_evaluate_writes_the_metrics_json(tmp_path, exported, capsys):
 
 def test_drip_evaluate_refuses_classes_the_model_does_not_know(tmp_path, exported, capsys):
     from drip.cli import main
-    from drip.synthetic import make_dataset, write_drip_json
+    from drip.data.synthetic import make_dataset, write_drip_json
 
     images = tmp_path / "images"
     meta = tmp_path / "a.json"
@@ -325,8 +325,8 @@ def test_drip_evaluate_refuses_classes_the_model_does_not_know(tmp_path, exporte
 
 
 def test_an_image_listed_twice_is_scored_once_with_both_lists():
-    from drip.annotations import Annotations
-    from drip.dataset import ImageAnnotation
+    from drip.data.dataset import Annotations
+    from drip.data.dataset import ImageAnnotation
 
     annotations = Annotations(
         [ImageAnnotation("a.jpg", boxes=[[0, 0, 10, 10]], labels=["cat"]),

@@ -1,4 +1,4 @@
-"""drip.export and drip.onnx_infer: exported models describe themselves and detect what PyTorch does.
+"""drip.deploy.export and drip.deploy.onnx_infer: exported models describe themselves and detect what PyTorch does.
 
 The tolerance between the runtimes, checked on every image of ``images`` (landscape, portrait,
 square, larger than the model size): every detection scoring at least ``THRESHOLD`` percent plus
@@ -19,12 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from drip import cli, models, onnx_infer
+from drip import cli
+from drip.detectors import models, tv
+from drip.deploy import onnx_infer
 from drip.config import InferConfig
 from drip.errors import ConfigError, ModelError
-from drip.export import SCORE_FLOOR, default_output, export
+from drip.deploy.export import SCORE_FLOOR, default_output, export
 from drip.stages import infer
-from drip.synthetic import CLASSES, draw_scene
+from drip.data.synthetic import CLASSES, draw_scene
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -217,7 +219,7 @@ def test_onnx_results_match_torchvisions_own_output(trained, onnx_path, tmp_path
 
 
 def test_onnx_infer_scores_against_annotations_like_pytorch(trained, onnx_path, tmp_path):
-    from drip.synthetic import make_dataset, write_drip_json
+    from drip.data.synthetic import make_dataset, write_drip_json
 
     images = tmp_path / "annotated"
     write_drip_json(tmp_path / "truth.json", make_dataset(images, 4, size=(160, 120), folders=("cam",), seed=7))
@@ -292,7 +294,7 @@ def test_torchscript_export_runs_and_describes_itself(trained, tmp_path):
 
     loaded = models.load_model(trained)
     image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(1))
-    from drip.evaluate import evaluation_mode
+    from drip.evaluation.metrics import evaluation_mode
 
     with evaluation_mode(loaded.model, score_floor=SCORE_FLOOR), torch.inference_mode():
         expected = loaded.model([image])[0]
@@ -331,7 +333,7 @@ def untrained_but_lively(network: str) -> torch.nn.Module:
         model.backbone.train()
         model.backbone(model.transform(scenes)[0].tensors)
         model.eval()
-        for layer in model.get_submodule(models.NETWORKS[network].head).modules():
+        for layer in model.get_submodule(tv.NETWORKS[network].head).modules():
             if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
                 fan_in = layer.weight[0].numel()
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) / math.sqrt(fan_in))
@@ -352,8 +354,8 @@ def test_every_family_exports_to_onnx_and_matches(network, tmp_path):
     models.export_model(path, untrained_but_lively(network), network, list(CLASSES), SIZE, {}, {})
     exported = onnx_infer.load_onnx(export(path, "onnx"))
     loaded = models.load_model(path)
-    from drip.evaluate import evaluation_mode
-    from drip.results import to_detections_np
+    from drip.evaluation.metrics import evaluation_mode
+    from drip.data.detections import to_detections_np
 
     # Landscape like the export's example, portrait, and square: SSD stretches each to a square.
     for seed, size in enumerate([(160, 120), (90, 200), (150, 150)]):

@@ -16,11 +16,12 @@ import json
 import pytest
 import torch
 
-from drip import models, pipeline
+from drip.detectors import models
+from drip.runtime import local
 from drip.config import InferConfig
 from drip.session import Session
 from drip.stages import infer, train
-from drip.synthetic import make_dataset, write_drip_json
+from drip.data.synthetic import make_dataset, write_drip_json
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -49,7 +50,7 @@ def checkpoint(path):
 def test_amp_training_checkpoints_the_gradient_scaler_and_resume_restores_it(data, tmp_path):
     """fp16 autocast with a GradScaler: its state is checkpointed, and resuming continues from it."""
     folder = tmp_path / "session"
-    pipeline.train(folder, overrides(data, number_of_steps=4, checkpoint_every=2))
+    local.train(folder, overrides(data, number_of_steps=4, checkpoint_every=2))
     session = Session(folder)
     path = session.checkpoints_dir / "step-0000004.pt"
     saved = checkpoint(path)
@@ -63,7 +64,7 @@ def test_amp_training_checkpoints_the_gradient_scaler_and_resume_restores_it(dat
     # every 2000 clean steps), so a resume that started a fresh scaler (65536) would show.
     saved["scaler"]["scale"] = 1024.0
     torch.save(saved, path)
-    result = pipeline.train(folder, {"number_of_steps": 6}, resume=True)
+    result = local.train(folder, {"number_of_steps": 6}, resume=True)
     assert result.step == 6
     resumed = checkpoint(session.checkpoints_dir / "step-0000006.pt")
     assert 0 < resumed["scaler"]["scale"] <= 1024.0, resumed["scaler"]
@@ -77,7 +78,7 @@ def test_amp_training_checkpoints_the_gradient_scaler_and_resume_restores_it(dat
 
 def test_inference_on_cuda_matches_the_cpu(data, tmp_path):
     folder = tmp_path / "session"
-    pipeline.train(folder, overrides(data, number_of_steps=2, checkpoint_every=2))
+    local.train(folder, overrides(data, number_of_steps=2, checkpoint_every=2))
     loaded = models.load_model(Session(folder).model_path, "cpu")
     # Random-ish weights score low: spread the class scores so there is something to compare.
     with torch.no_grad():
@@ -117,7 +118,7 @@ def test_inference_on_cuda_matches_the_cpu(data, tmp_path):
 
 def test_train_stage_runs_on_the_gpu_it_was_asked_for(data, tmp_path):
     folder = tmp_path / "session"
-    pipeline.train(folder, overrides(data, number_of_steps=1, checkpoint_every=1, amp=False))
+    local.train(folder, overrides(data, number_of_steps=1, checkpoint_every=1, amp=False))
     saved = checkpoint(Session(folder).checkpoints_dir / "step-0000001.pt")
     assert saved["config"]["device"] == "cuda" and not saved["scaler"]  # amp off: no scaler state
     assert train.list_checkpoints(Session(folder).checkpoints_dir)

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from drip import models
+from drip.detectors import files, models
 from drip.errors import DripError, InputError, ModelError
-from drip.synthetic import CLASSES, make_dataset, write_drip_json
+from drip.data.synthetic import CLASSES, make_dataset, write_drip_json
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORK = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -258,17 +258,17 @@ def test_archive_limits(tmp_path, monkeypatch):
     target = tmp_path / "target"
     many = tmp_path / "many.zip"
     with zipfile.ZipFile(many, "w") as zf:
-        for i in range(models.ARCHIVE_MAX_MEMBERS + 1):
+        for i in range(files.ARCHIVE_MAX_MEMBERS + 1):
             zf.writestr(f"f{i}.txt", "")
     with pytest.raises(ModelError, match="members, more than the 1000"):
-        models.extract_model_archive(many, target)
+        files.extract_model_archive(many, target)
 
     big = tmp_path / "big.zip"
     with zipfile.ZipFile(big, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("model.pt", b"\0" * 4_000_000)  # a few KiB packed: a small zip bomb
-    monkeypatch.setattr(models, "ARCHIVE_MAX_BYTES", 1_000_000)
+    monkeypatch.setattr(files, "ARCHIVE_MAX_BYTES", 1_000_000)
     with pytest.raises(ModelError, match="unpacks to 3.8 MiB, more than the 1.0 MiB"):
-        models.extract_model_archive(big, target)
+        files.extract_model_archive(big, target)
 
     encrypted = tmp_path / "encrypted.zip"
     with zipfile.ZipFile(encrypted, "w") as zf:
@@ -278,7 +278,7 @@ def test_archive_limits(tmp_path, monkeypatch):
         data[data.index(signature) + offset] |= 0x1
     encrypted.write_bytes(bytes(data))
     with pytest.raises(ModelError, match="encrypted"):
-        models.extract_model_archive(encrypted, target)
+        files.extract_model_archive(encrypted, target)
     assert not target.exists()
 
 
@@ -294,7 +294,7 @@ def test_archive_without_exactly_one_model_file(tmp_path, names, expected):
         for name in names:
             zf.writestr(name, "x")
     with pytest.raises(ModelError, match=f"expected exactly one model file.*{expected}"):
-        models.extract_model_archive(archive, tmp_path / "t")
+        files.extract_model_archive(archive, tmp_path / "t")
 
 
 def test_damaged_archive_is_a_model_error(tmp_path, drip_model_file):

@@ -19,7 +19,7 @@ from PIL import Image
 from drip.config import InferConfig
 from drip.errors import ConfigError, InputError, ModelError, SessionError
 from drip.stages import infer
-from drip.synthetic import draw_scene
+from drip.data.synthetic import draw_scene
 
 NAMES = ["circle", "square", "triangle"]
 
@@ -339,7 +339,7 @@ def test_infer_config_is_checked_like_config():
 @pytest.fixture
 def exported_model(tmp_path):
     """A random-init torchvision detector exported the way training exports it."""
-    from drip import models
+    from drip.detectors import models
 
     torch.manual_seed(0)
     model = models.build_model(

@@ -30,8 +30,8 @@ from drip.config import Config
 from drip.errors import SessionError
 from drip.session import Session
 from drip.stages import configure, records, split, train
-from drip.synthetic import make_dataset, write_drip_json
-from drip.tfrecord import count_valid
+from drip.data.synthetic import make_dataset, write_drip_json
+from drip.data.tfrecord import count_valid
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -264,7 +264,7 @@ def test_disk_full_in_process_is_a_session_error(tmp_path):
     CI runs the suite as root, so this runs there. Elsewhere it skips: mounting needs root (or
     CAP_SYS_ADMIN), and the ``ulimit -f`` test above covers the same error path without it.
     """
-    from drip import models
+    from drip.detectors import files
     from drip.errors import SessionError
 
     if os.geteuid() != 0:
@@ -275,9 +275,9 @@ def test_disk_full_in_process_is_a_session_error(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=False, capture_output=True).returncode:
         pytest.skip("root, but mounting a tmpfs is not allowed here (a container without CAP_SYS_ADMIN)")
     try:
-        models.save_atomic({"w": torch.zeros(1000)}, mount / "old.pt")
+        files.save_atomic({"w": torch.zeros(1000)}, mount / "old.pt")
         with pytest.raises(SessionError, match=r"could not save .*big.pt: the disk is full .*No space left on device"):
-            models.save_atomic({"w": torch.zeros(1_000_000)}, mount / "big.pt")
+            files.save_atomic({"w": torch.zeros(1_000_000)}, mount / "big.pt")
         assert sorted(p.name for p in mount.iterdir()) == ["old.pt"]
         assert checkpoint(mount / "old.pt")["w"].shape == (1000,)
     finally:
@@ -348,7 +348,7 @@ def test_sigterm_to_the_whole_process_group_saves_a_checkpoint(prepared, tmp_pat
 
 # -- changed data ------------------------------------------------------------------------------
 def test_resume_on_changed_records_is_refused_unless_allowed(prepared, uninterrupted, tmp_path):
-    from drip import pipeline
+    from drip.runtime import local
 
     session = tmp_path / "session"
     shutil.copytree(uninterrupted, session)
@@ -365,12 +365,12 @@ def test_resume_on_changed_records_is_refused_unless_allowed(prepared, uninterru
     assert steps_in(session) == [2, 4, 6]
 
     # Allowed: a warning, training goes on, and the permission is not written to pipeline.config.
-    pipeline.train(session, {"allow_changed_data": True, "number_of_steps": 8}, resume=True)
+    local.train(session, {"allow_changed_data": True, "number_of_steps": 8}, resume=True)
     assert steps_in(session)[-1] == 8
     assert "allow_changed_data: false" in s.config_path.read_text()
     assert checkpoint(session / "dl/checkpoints/step-0000008.pt")["data"] == train.data_fingerprint(s)
     # The next resume compares against the newest checkpoint: the same records, no complaint.
-    pipeline.train(session, {"number_of_steps": 9}, resume=True)
+    local.train(session, {"number_of_steps": 9}, resume=True)
     assert steps_in(session)[-1] == 9
 
 
@@ -393,7 +393,7 @@ from drip.config import Config
 from drip.errors import SessionError
 from drip.session import Session
 from drip.stages import records
-from drip.tfrecord import TFRecordWriter, masked_crc32c, _U32, _U64
+from drip.data.tfrecord import TFRecordWriter, masked_crc32c, _U32, _U64
 
 real_write = TFRecordWriter.write
 written = []

@@ -3,7 +3,7 @@
 import pytest
 
 from drip.errors import InputError
-from drip.labelmap import LabelMap
+from drip.data.labelmap import LabelMap
 
 TF_STYLE = """
 # a comment

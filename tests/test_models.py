@@ -1,4 +1,4 @@
-"""drip.models: the network registry, starting points and the model file."""
+"""drip.detectors.models: the network registry, starting points and the model file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drip import models
+from drip.detectors import models, tv
 from drip.errors import ConfigError, ModelError
 
 CLASSES = ["circle", "square", "triangle"]
@@ -33,13 +33,13 @@ def predict(model, image):
 
 def predict_everything(model, image):
     """Every detection, however low its score: random weights score under the usual floor."""
-    from drip.evaluate import evaluation_mode
+    from drip.evaluation.metrics import evaluation_mode
 
     with evaluation_mode(model, score_floor=0.0), torch.no_grad():
         return model([image])[0]
 
 
-@pytest.mark.parametrize("network", list(models.NETWORKS))
+@pytest.mark.parametrize("network", list(tv.NETWORKS))
 def test_every_network_builds_and_predicts(network):
     torch.manual_seed(0)
     model = models.build_model(network, len(CLASSES) + 1, "none", 128)
@@ -75,7 +75,7 @@ def test_unknown_network_lists_the_known_ones():
         models.build_model("fasterrcnn_mobilenet_v3", 4, "none", 128)
     message = str(err.value)
     assert "did you mean 'fasterrcnn_mobilenet_v3_large_fpn'" in message
-    for name in models.NETWORKS:
+    for name in tv.NETWORKS:
         assert name in message
     assert "\n" not in message
 
@@ -117,7 +117,7 @@ def test_frozen_layers_survive_export(tmp_path):
     """A model from pretrained weights has frozen BatchNorm and layers: rebuilt the same, offline."""
     network = "fasterrcnn_mobilenet_v3_large_320_fpn"
     model = models.build_model(network, 4, "none", 128)
-    models.freeze_norms(model.backbone.body)
+    tv.freeze_norms(model.backbone.body)
     frozen_param = next(name for name, _ in model.named_parameters())
     model.get_parameter(frozen_param).requires_grad_(False)
     path = tmp_path / "model.pt"
@@ -233,7 +233,7 @@ def test_weights_fallback_trains_from_scratch_when_the_download_fails(tmp_path, 
     from drip.config import Config
     from drip.detectors import tv
     from drip.errors import DownloadError
-    from drip.labelmap import LabelMap
+    from drip.data.labelmap import LabelMap
     from drip.session import Session
     from drip.stages import configure
 

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from drip.annotations import load_annotations
-from drip.dataset import ImageAnnotation, read_drip_json, resolve_image, safe_relative
+from drip.data.annotations import load_annotations
+from drip.data.dataset import ImageAnnotation, read_drip_json, resolve_image, safe_relative
 from drip.errors import DripError
-from drip.labelmap import LabelMap
+from drip.data.labelmap import LabelMap
 
 # Modest by default so the file runs in seconds; DRIP_PROPERTY_EXAMPLES=5000 for a deeper search.
 FAST = settings(

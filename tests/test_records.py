@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from drip.dataset import ImageAnnotation, to_drip_json
+from drip.data.dataset import ImageAnnotation, to_drip_json
 from drip.errors import InputError, SessionError
-from drip.images import encode_for_record, open_rgb_checked
-from drip.labelmap import LabelMap
+from drip.data.images import encode_for_record, open_rgb_checked
+from drip.data.labelmap import LabelMap
 from drip.session import Session, read_json, write_json
 from drip.stages import augment, records
-from drip.synthetic import CLASSES
-from drip.tfrecord import decode_example, iter_records
+from drip.data.synthetic import CLASSES
+from drip.data.tfrecord import decode_example, iter_records
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The report (drip.report): its numbers, its pictures, and its page in a real browser."""
+"""The report (drip.evaluation.report): its numbers, its pictures, and its page in a real browser."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drip import report
-from drip.evaluate import ImageDetections, ImageTruth
+from drip.evaluation import report
+from drip.evaluation.metrics import ImageDetections, ImageTruth
 from drip.session import Session
 from drip.stages import configure, split
 

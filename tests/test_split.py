@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from drip.dataset import ImageAnnotation
+from drip.data.dataset import ImageAnnotation
 from drip.errors import InputError
-from drip.labelmap import LabelMap
+from drip.data.labelmap import LabelMap
 from drip.session import Session
 from drip.stages import split
 from drip.stages.split import _quotas
-from drip.synthetic import make_dataset, write_drip_json
+from drip.data.synthetic import make_dataset, write_drip_json
 
 
 def _manifest(path: Path) -> dict:

@@ -4,7 +4,7 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 
 from drip.errors import SessionError
-from drip.tfrecord import (
+from drip.data.tfrecord import (
     DetectionExample,
     TFRecordWriter,
     count_valid,

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from drip import tiling
+from drip.data import tiling
 from drip.errors import ConfigError
 
 FAST = settings(
@@ -192,8 +192,8 @@ def test_small_image_is_predicted_whole_and_full_pass_adds_the_whole_image():
 @pytest.fixture
 def large_dataset(tmp_path):
     """Five 600x450 images with 12 small shapes each, and one small image, in Drip JSON."""
-    from drip.dataset import ImageAnnotation
-    from drip.synthetic import draw_sparse_scene, write_drip_json
+    from drip.data.dataset import ImageAnnotation
+    from drip.data.synthetic import draw_sparse_scene, write_drip_json
 
     root = tmp_path / "big images"
     rng = np.random.default_rng(3)
@@ -275,7 +275,7 @@ def test_split_cuts_training_images_into_tiles_per_source_image(tmp_path, large_
 
 def test_images_inside_the_tiles_folder_are_refused_not_deleted(tmp_path, config):
     from drip.errors import InputError
-    from drip.tiling import tile_training_images
+    from drip.data.tiling import tile_training_images
 
     out = tmp_path / "images_tiled"
     (out / "site").mkdir(parents=True)
@@ -348,7 +348,7 @@ def test_infer_slices_by_the_models_tiles_and_maps_boxes_back(tmp_path):
 
 def test_infer_refuses_a_tile_below_the_minimum(tmp_path):
     from drip.config import InferConfig
-    from drip.tiling import resolve_slicing
+    from drip.data.tiling import resolve_slicing
 
     assert InferConfig().updated({"tile_size": 16}, "test").tile_size == 16  # 1..31 pass the schema
     with pytest.raises(ConfigError, match="at least 32"):
@@ -363,11 +363,12 @@ def test_onnx_slices_like_pytorch(tmp_path):
     pytest.importorskip("onnxruntime")
     import json
 
-    from drip import models, onnx_infer
+    from drip.detectors import models
+    from drip.deploy import onnx_infer
     from drip.config import InferConfig
-    from drip.export import export
+    from drip.deploy.export import export
     from drip.stages import infer
-    from drip.synthetic import draw_scene
+    from drip.data.synthetic import draw_scene
     from test_export import CLASSES, NETWORK, SIZE, untrained_but_lively, unmatched
 
     path = tmp_path / "tiled model" / "model.pt"
@@ -396,8 +397,8 @@ def test_onnx_slices_like_pytorch(tmp_path):
 
 
 def test_evaluation_scores_whole_images_after_merging_tiles():
-    # What evaluation during training and drip evaluate run: drip.evaluate.predict with a Slicing.
-    from drip.evaluate import ImageTruth, coco_metrics, predict
+    # What evaluation during training and drip evaluate run: drip.evaluation.metrics.predict with a Slicing.
+    from drip.evaluation.metrics import ImageTruth, coco_metrics, predict
     from test_infer import BrightSpotDetector
 
     picture = Image.new("RGB", (240, 100))

@@ -1,6 +1,6 @@
 """End to end: a 3000 x 3000 canvas with 40 small objects, trained on its tiles and inferred sliced.
 
-The real commands' code paths (``drip.pipeline.train`` and ``infer``: split into tiles, augment,
+The real commands' code paths (``drip.runtime.local.train`` and ``infer``: split into tiles, augment,
 records, train, export, sliced inference and the merge) on a made-up orthomosaic: dark ground,
 40 bright shapes of 40-56 px. A model trained on 192 px tiles at ``--image_size 192`` finds them
 on a canvas it has not seen, in the canvas's own pixels, one box each; the same model run on the
@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from tiling import write_canvases  # noqa: E402  (bench/tiling.py: the benchmark's canvases)
 
-from drip import pipeline  # noqa: E402
+from drip.runtime import local  # noqa: E402
 
 TILE = 192
 
@@ -52,7 +52,7 @@ def test_tiles_find_small_objects_that_whole_images_lose(tmp_path):
     truth = json.loads(test_json.read_text())["images"][0]
     truth_boxes = [o["box"] for o in truth["objects"]]
     session = tmp_path / "pipeline"
-    pipeline.train(session, {
+    local.train(session, {
         "src_json_path": str(train_json), "image_folder_path": str(tmp_path / "train"),
         "network": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none", "image_size": TILE,
         "tile_size": TILE, "tile_overlap": 0.3, "batch_size": 4, "number_of_steps": 300,
@@ -65,7 +65,7 @@ def test_tiles_find_small_objects_that_whole_images_lose(tmp_path):
     counts = {}
     for name, tile in (("sliced", None), ("whole", 0)):  # the model's tiles by default; 0 = off
         out = tmp_path / f"results {name}"
-        pipeline.infer(session, {"images_path": str(tmp_path / "test"), "results_path": str(out), "threshold": 30,
+        local.infer(session, {"images_path": str(tmp_path / "test"), "results_path": str(out), "threshold": 30,
                                  "tile_size": tile, "batch_size": 8, "device": "cpu"})
         record = json.loads((out / "site" / "b.json").read_text())
         assert (record["width"], record["height"]) == (3000, 3000)

@@ -1,4 +1,4 @@
-"""The train stage and its data pipeline (drip.data), on real TFRecords of synthetic images."""
+"""The train stage and its data pipeline (drip.data.records), on real TFRecords of synthetic images."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from drip import models
-from drip.data import RecordDataset, StepBatchSampler, collate
+from drip.detectors import models
+from drip.data.records import RecordDataset, StepBatchSampler, collate
 from drip.errors import Interrupted, SessionError
-from drip.images import encode_for_record
-from drip.labelmap import LabelMap
+from drip.data.images import encode_for_record
+from drip.data.labelmap import LabelMap
 from drip.session import write_json
 from drip.stages import train
-from drip.synthetic import CLASSES, make_dataset
-from drip.tfrecord import DetectionExample, TFRecordWriter, encode_example
+from drip.data.synthetic import CLASSES, make_dataset
+from drip.data.tfrecord import DetectionExample, TFRecordWriter, encode_example
 
 
 def write_records(session, images_dir: Path, annotations, shards: int = 2) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Evaluation during training, the best model, EMA and the online augmentation (drip.data)."""
+"""Evaluation during training, the best model, EMA and the online augmentation (drip.data.records)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import json
 import pytest
 import torch
 
-from drip import models
-from drip.data import RecordDataset, _zoom
-from drip.evaluate import Metrics
-from drip.images import encode_for_record
+from drip.detectors import models
+from drip.data.records import RecordDataset, _zoom
+from drip.evaluation.metrics import Metrics
+from drip.data.images import encode_for_record
 from drip.session import read_json, write_json
 from drip.stages import train
 from drip.training import hooks
 from drip.training.optim import EMA
-from drip.synthetic import CLASSES, make_dataset
-from drip.tfrecord import DetectionExample, TFRecordWriter, encode_example
+from drip.data.synthetic import CLASSES, make_dataset
+from drip.data.tfrecord import DetectionExample, TFRecordWriter, encode_example
 
 from test_train import write_records
 

@@ -20,11 +20,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from drip import cli, detectors, models, onnx_infer  # noqa: E402
+from drip import cli, detectors  # noqa: E402
+from drip.detectors import models  # noqa: E402
+from drip.deploy import onnx_infer  # noqa: E402
 from drip.config import InferConfig  # noqa: E402
 from drip.errors import ModelError  # noqa: E402
 from drip.stages import infer, train  # noqa: E402
-from drip.synthetic import CLASSES, make_dataset, write_drip_json  # noqa: E402
+from drip.data.synthetic import CLASSES, make_dataset, write_drip_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128

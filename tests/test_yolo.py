@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from drip.annotations import load_annotations, load_for_scoring
+from drip.data.annotations import load_annotations, load_for_scoring
 from drip.errors import InputError
-from drip.pipeline import _check_inputs
+from drip.runtime.local import _check_inputs
 from drip.stages import split
-from drip.synthetic import CLASSES, make_dataset, make_roboflow_yolo, write_drip_json, write_yolo_labels
+from drip.data.synthetic import CLASSES, make_dataset, make_roboflow_yolo, write_drip_json, write_yolo_labels
 
 
 def _json(path: Path) -> dict:

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..data.detections import resize_for_model, scale_boxes_np, to_detections_np
 from ..errors import ModelError
-from ..results import resize_for_model, scale_boxes_np, to_detections_np
 from .base import Family, Published, decay_groups, load_matching  # noqa: F401
 from .tv import Torchvision
 
@@ -152,7 +152,7 @@ def forward_batch(
     """Resize each image so its longer side is ``size``, run ``model`` on them in one pass.
 
     Returns each image's raw output (boxes in pixels of the resized input) and the resized
-    (width, height). ``drip infer`` and ``drip.evaluate`` both go through here, so what is
+    (width, height). ``drip infer`` and ``drip.evaluation.metrics`` both go through here, so what is
     measured is what is run.
     """
     tensors, shapes = [], []
@@ -177,7 +177,7 @@ def numpy(values) -> np.ndarray:
 
 def scale_boxes(boxes: torch.Tensor, size: tuple[int, int], resized: tuple[int, int]) -> torch.Tensor:
     """Boxes in ``resized`` pixels -> float64 boxes in pixels of the ``size`` image, clipped to it
-    (``drip.results.scale_boxes_np``, which ONNX inference shares)."""
+    (``drip.data.detections.scale_boxes_np``, which ONNX inference shares)."""
     return torch.from_numpy(scale_boxes_np(numpy(boxes), size, resized))
 
 
@@ -191,7 +191,7 @@ def to_detections(
     threshold: float,
     names: Sequence[str],
 ) -> list[dict[str, Any]]:
-    """A detector's output tensors -> JSON records: ``drip.results.to_detections_np``, the one
+    """A detector's output tensors -> JSON records: ``drip.data.detections.to_detections_np``, the one
     post-processing that PyTorch and ONNX inference share."""
     return to_detections_np(
         numpy(boxes), numpy(scores), numpy(labels), size=size, resized=resized, threshold=threshold, names=names

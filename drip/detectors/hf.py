@@ -338,7 +338,7 @@ class Transformers(Family):
                 except OSError:
                     shutil.copyfile(path, Path(folder) / "model.safetensors")
                 return _from_pretrained(network, Path(folder), num_classes, classes, source=source)
-        from ..models import read_state_file
+        from .files import read_state_file
 
         state = read_state_file(path, cache_dir)  # a torch state_dict, read without running code
         model = self.skeleton(network, num_classes, classes)

@@ -178,7 +178,7 @@ class Torchvision(Family):
         setattr(model.get_submodule(parent_path), attr, fresh.get_submodule(spec.head))
 
     def from_weights_file(self, network: str, num_classes: int, path, cache_dir, source: str, classes=None) -> nn.Module:
-        from ..models import read_state_file
+        from .files import read_state_file
 
         state = read_state_file(path, cache_dir)
         model = self.skeleton(network, num_classes)

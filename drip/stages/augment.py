@@ -2,7 +2,7 @@
 
 Reads  ``dl/split/train.json`` and the images it names (never ``eval.json``: evaluation must
        measure real images only), and the augmentation policy ``config.augmentation_policy``
-       (see ``drip.augment``).
+       (see ``drip.data.augment``).
 Writes ``images_augmented/<sub-folders>/<stem>_aug<k>.jpg`` (JPEG quality 95), ``config.augmentations``
        per training image, and ``images_augmented/annotations.json``: Drip JSON whose ``file`` is
        relative to ``images_augmented/`` and whose ``extra.source`` names the training image.
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import console
-from ..augment import Policy, load_policy, reseed
 from ..config import Config
-from ..dataset import ImageAnnotation, read_drip_json, resolve_image, to_drip_json
+from ..data.augment import Policy, load_policy, reseed
+from ..data.dataset import ImageAnnotation, read_drip_json, resolve_image, to_drip_json
+from ..data.images import encode_jpeg, load_rgb
 from ..errors import ConfigError, SessionError
-from ..images import encode_jpeg, load_rgb
 from ..parallel import cores, ordered_map
 from ..session import Session, read_json, write_json
 

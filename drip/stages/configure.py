@@ -13,13 +13,13 @@ import os
 
 from .. import console
 from ..config import Config
-from ..labelmap import LabelMap
+from ..data.labelmap import LabelMap
 from ..session import Session
 
 
 def run(session: Session, config: Config, check_model: bool = True) -> Config:
     """Return the resolved config, written to ``session.config_path``."""
-    from .. import models
+    from ..detectors import models
 
     if check_model:
         config = _check_model(session, config)
@@ -40,7 +40,7 @@ def run(session: Session, config: Config, check_model: bool = True) -> Config:
 def _check_model(session: Session, config: Config) -> Config:
     """Build the network once, which downloads its starting weights into the session's cache now;
     with ``--weights_fallback none`` weights that cannot be downloaded become ``--weights none``."""
-    from .. import models
+    from ..detectors import models
     from ..errors import DownloadError
 
     classes = LabelMap.read(session.require(session.label_map_path, "split"))
@@ -58,7 +58,8 @@ def _check_model(session: Session, config: Config) -> Config:
 def _family_recipe(config: Config) -> Config:
     """The network family's own recipe values (e.g. D-FINE's gradient clipping at 0.1) where the
     config still holds Drip's default for them; a value the user set differently stays."""
-    from .. import detectors, models
+    from .. import detectors
+    from ..detectors import models
 
     wanted = detectors.recipe(models.network_name(config.network))
     defaults = Config()

@@ -19,7 +19,7 @@ Writes  for each group (below), under ``<results_path>/<group>/``:
         at the top of ``<results_path>``:
 
         ``metrics.json``          COCO metrics of the model on the annotated images (as
-                                  ``drip evaluate`` writes them; see ``drip.evaluate``), and
+                                  ``drip evaluate`` writes them; see ``drip.evaluation.metrics``), and
                                   under ``at_threshold`` what the drawn results show at
                                   ``--threshold``: the images with every object found (IoU
                                   0.5, right class) and the false boxes
@@ -28,7 +28,7 @@ Writes  for each group (below), under ``<results_path>/<group>/``:
                                   "score"}]`` in the file's own image and category ids, for
                                   COCO tooling (pycocotools' ``loadRes``)
 
-        Both hold all detections down to ``drip.evaluate.EVAL_SCORE_FLOOR``, as AP needs;
+        Both hold all detections down to ``drip.evaluation.metrics.EVAL_SCORE_FLOOR``, as AP needs;
         ``--threshold`` still decides what is drawn and listed per image.
 Moves   an earlier ``<results_path>/<group>/`` (and ``metrics.json``, ``coco_results.json``)
         to ``<results_path>/trash/<timestamp>/`` first: results are never overwritten.
@@ -57,32 +57,34 @@ from PIL import Image
 from .. import detectors
 from ..config import InferConfig
 from ..console import info
+
+# The torch-free half of inference lives in drip.evaluation.results, shared with drip.deploy.onnx_infer; the names
+# are re-exported here, where callers have always found them.
+from ..data.detections import (  # noqa: F401
+    detection_records,
+    resize_for_model,
+    resized_size,
+    scale_boxes_np,
+    to_detections_np,
+)
+from ..data.tiling import Slicing, resolve_slicing
 from ..detectors import forward_batch, scale_boxes, to_detections  # noqa: F401  (found here by callers)
 from ..errors import ConfigError, ModelError
-
-# The torch-free half of inference lives in drip.results, shared with drip.onnx_infer; the names
-# are re-exported here, where callers have always found them.
-from ..results import (  # noqa: F401
+from ..evaluation.results import (  # noqa: F401
     COCO_RESULTS,
     GROUP_INDEX,
     METRICS,
     TRASH,
     ImageJob,
     InferResult,
-    detection_records,
     draw_detections,
     find_images,
-    resize_for_model,
-    resized_size,
     resolve_model_path,
     run_groups,
-    scale_boxes_np,
     summary,
-    to_detections_np,
     trash_earlier_results,
 )
 from ..session import Session
-from ..tiling import Slicing, resolve_slicing
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -93,10 +95,10 @@ def run(config: InferConfig, session_folder: Path | Session) -> InferResult:
     # Find the images before loading the model: a typo in --images_path should fail in a blink.
     groups = find_images(Path(config.images_path), Path(config.results_path))
     annotations = _read_annotations(config)
-    from ..models import load_model, resolve_device
+    from ..detectors.models import load_model, resolve_device
 
     device = resolve_device(config.device)
-    from .. import distributed
+    from ..training import distributed
 
     ctx = distributed.context()
     if ctx.distributed and device.type == "cuda":
@@ -118,7 +120,7 @@ def run_loaded(
 
     ``loaded`` needs ``model`` (a torchvision-style detector: a list of CHW float tensors in,
     one ``{"boxes", "scores", "labels"}`` dict per image out, boxes in input pixels),
-    ``classes`` (names, id 1 first) and ``image_size``, as ``drip.models.LoadedModel`` has.
+    ``classes`` (names, id 1 first) and ``image_size``, as ``drip.detectors.models.LoadedModel`` has.
     """
     started = time.perf_counter()
     images_path, results_path = Path(config.images_path), Path(config.results_path)
@@ -137,11 +139,11 @@ def run_loaded(
         annotations = _read_annotations(config)
     scoring = None
     if annotations is not None:
-        from ..evaluate import Scoring
+        from ..evaluation.metrics import Scoring
 
         scoring = Scoring(annotations, names, str(config.src_json_path))
 
-    from .. import distributed
+    from ..training import distributed
 
     ctx = distributed.context()  # under torchrun: the images shared over the processes
     if ctx.distributed:
@@ -182,7 +184,7 @@ def run_loaded(
     # The scores come last: what a user reads at the end of a run.
     metrics = None
     if scoring:
-        from ..evaluate import write_scores
+        from ..evaluation.metrics import write_scores
 
         metrics = write_scores(scoring, results_path, config, model_path, loaded, size)
     return InferResult(
@@ -194,7 +196,7 @@ def run_loaded(
 def _read_annotations(config: InferConfig) -> Any:
     if not config.src_json_path:
         return None
-    from ..annotations import load_for_scoring
+    from ..data.annotations import load_for_scoring
 
     # Annotation paths are relative to the image folder, as infer's image paths are.
     return load_for_scoring(Path(config.src_json_path), Path(config.images_path))
@@ -214,7 +216,7 @@ def _predict_batch(
 ) -> list[list[dict[str, Any]]]:
     """The detection records of each image of ``batch`` (and each fed to ``scoring``)."""
     if slicing is not None:
-        from ..evaluate import predict_sliced
+        from ..evaluation.metrics import predict_sliced
 
         out = []
         for job, image in batch:
@@ -230,7 +232,7 @@ def _predict_batch(
     out = []
     for (job, image), (output, shape) in zip(batch, results):
         if scoring is not None and scoring.wants(job.rel):
-            from ..evaluate import detections_from_output
+            from ..evaluation.metrics import detections_from_output
 
             scoring.add(job.rel, image.size, detections_from_output(job.rel, output, image.size, shape))
         out.append(

@@ -7,9 +7,9 @@ Writes ``dl/records/train-00000-of-0000N.tfrecord`` (originals and augmented cop
        together with ``config.seed`` so no shard is all copies), ``eval-*-of-*.tfrecord`` (none when
        the eval split is empty), and ``dl/records/records.json`` listing the shards and counts.
 
-Records follow the TF Object Detection API schema (``drip.tfrecord.DetectionExample``): boxes
+Records follow the TF Object Detection API schema (``drip.data.tfrecord.DetectionExample``): boxes
 normalized by the image size as displayed, labels 1-based from the label map, and images stored
-upright (``drip.images.encode_for_record``), so other TFRecord readers see what the user sees.
+upright (``drip.data.images.encode_for_record``), so other TFRecord readers see what the user sees.
 Each shard is written to a temporary file that is renamed when complete, and ``records.json``
 (with each shard's SHA-256) is written last: a run that stops early leaves no ``records.json``,
 so training refuses the half-written set, and a rerun removes the temporary files and rewrites
@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from .. import console
-from ..boxes import clip_normalized, has_area, normalize
 from ..config import Config
-from ..dataset import read_drip_json, resolve_image
+from ..data.boxes import clip_normalized, has_area, normalize
+from ..data.dataset import read_drip_json, resolve_image
+from ..data.images import encode_for_record
+from ..data.labelmap import LabelMap
+from ..data.tfrecord import DetectionExample, TFRecordWriter, encode_example
 from ..errors import InputError, SessionError
-from ..images import encode_for_record
-from ..labelmap import LabelMap
 from ..parallel import cores, ordered_map
 from ..session import Session, read_json, write_json
-from ..tfrecord import DetectionExample, TFRecordWriter, encode_example
 
 INDEX_NAME = "records.json"
 # Everything Drip itself writes in records/; nothing else there is ever deleted.

@@ -14,7 +14,7 @@ eval set (``eval_json_path``, or a YOLO data.yaml's ``val``), every image they n
   images found;
 * the ``split`` entry of ``session.json``;
 * with ``tile_size``: ``images_tiled/``, the training images larger than a tile cut into tiles
-  (``drip.tiling`` has the rules) and the others copied whole; ``split/train.json`` then lists
+  (``drip.data.tiling`` has the rules) and the others copied whole; ``split/train.json`` then lists
   these, and the report counts tiles, background tiles and dropped box fragments. The split is
   made per source image before cutting, so no image has tiles in both halves; eval images stay
   whole.
@@ -46,15 +46,15 @@ from pathlib import Path
 import numpy as np
 
 from .. import console
-from ..annotations import Annotations, load_annotations
 from ..config import Config
-from ..dataset import ImageAnnotation, resolve_image, to_coco_json, to_drip_json
+from ..data.annotations import load_annotations
+from ..data.dataset import Annotations, ImageAnnotation, resolve_image, to_coco_json, to_drip_json
+from ..data.images import is_image_file, open_rgb_checked
+from ..data.labelmap import LabelMap
+from ..data.tiling import tile_training_images
 from ..errors import InputError
-from ..images import is_image_file, open_rgb_checked
-from ..labelmap import LabelMap
 from ..parallel import cores, ordered_map
 from ..session import Session, write_json
-from ..tiling import tile_training_images
 
 # Exporters compute x + w in floating point; a box ending a hair past the edge is rounding, not a
 # labelling mistake, so it is clipped without filling the report.

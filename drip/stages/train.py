@@ -3,10 +3,10 @@
 Reads ``records/records.json`` (the shards under ``"train"`` and ``"eval"``, the ``"classes"``),
 the shards it lists and ``label_map.pbtxt``. Writes ``checkpoints/step-XXXXXXX.pt`` every
 ``checkpoint_every`` steps and at the end (the newest ``keep_checkpoints`` are kept), TensorBoard
-events in ``logs/`` and, at the end, ``model.pt`` and the pictures of ``report/`` (``drip.report``).
+events in ``logs/`` and, at the end, ``model.pt`` and the pictures of ``report/`` (``drip.evaluation.report``).
 
 Every ``eval_every`` steps and at the end the model (its EMA with ``--ema``) is scored on the eval
-shards with ``drip.evaluate`` (pycocotools' COCO metrics). Each evaluation appends a row to
+shards with ``drip.evaluation.metrics`` (pycocotools' COCO metrics). Each evaluation appends a row to
 ``metrics.jsonl``, prints a summary and goes to TensorBoard; a better AP than any before saves
 ``checkpoints/best.pt`` (never pruned), and ``model.pt`` is the best model, its step and metrics
 recorded in the file and in ``session.json``. Without an eval split the last step is exported.
@@ -17,7 +17,7 @@ What goes to TensorBoard is listed in ``drip.training.events``.
 
 A checkpoint holds everything the next step depends on: model, optimizer, scheduler and
 gradient-scaler state, the random states and the step. The batches of a step are a function of
-the step alone (``drip.data.StepBatchSampler``), so ``--resume_training`` continues exactly where
+the step alone (``drip.data.records.StepBatchSampler``), so ``--resume_training`` continues exactly where
 the run stopped, with the config as it is now: edit ``pipeline.config`` (more steps, another
 learning rate) and the new values apply from the next step. Ctrl-C or SIGTERM (``docker stop``)
 finishes the current step, saves a checkpoint and stops.
@@ -41,21 +41,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import console, detectors, distributed, models, report
+from .. import console, detectors
 from ..config import Config
-from ..data import RecordDataset, StepBatchSampler, read_eval_records, read_records
+from ..data.records import RecordDataset, StepBatchSampler, read_eval_records, read_records
+from ..detectors import files, models
 from ..errors import SessionError
+from ..evaluation import report
 from ..session import Session
-from ..training import events
+from ..training import distributed, events
 from ..training.checkpoints import (
-    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, check_data, check_resumable, cuda_indices, data_fingerprint,
-    find_checkpoint, list_checkpoints, read_best, set_aside_earlier_run, set_rng_states,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    check_data,
+    check_resumable,
+    cuda_indices,
+    data_fingerprint,
+    find_checkpoint,
+    list_checkpoints,
+    read_best,
+    set_aside_earlier_run,
+    set_rng_states,
 )
 from ..training.hooks import CheckpointHook, EvalHook, LogHook, SyncCheckHook
 from ..training.loop import Trainer, make_loader
 from ..training.optim import EMA, build_optimizer, build_scheduler, restore_optimizer
 
-# Imported from here by tests and benchmarks; they live in drip.training and drip.data.
+# Imported from here by tests and benchmarks; they live in drip.training and drip.data.records.
 __all__ = [
     "run", "TrainResult", "read_records", "read_eval_records", "list_checkpoints", "find_checkpoint",
     "data_fingerprint", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION",
@@ -250,7 +261,7 @@ def _export(session: Session, config: Config, network: str, classes: list[str], 
         if best["step"] != last_step:
             path = session.best_checkpoint_path
             try:
-                data = models.torch_load(path, "best checkpoint")
+                data = files.torch_load(path, "best checkpoint")
                 state = data["ema"] if data.get("ema") is not None else data["model"]
                 model = models.restore(network, len(classes) + 1, data["structure"], state, str(path))
                 step = best["step"]

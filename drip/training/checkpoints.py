@@ -4,7 +4,7 @@ A checkpoint holds everything the next step depends on: model, optimizer, schedu
 gradient-scaler state, the random states and the step, plus the config, the EMA, the best
 evaluation so far and a fingerprint of the records (``data_fingerprint``) that tells on resume
 whether the data changed. Only plain types and tensors go in, so they load with
-``torch.load(weights_only=True)``. Files are written atomically (``models.save_atomic``).
+``torch.load(weights_only=True)``. Files are written atomically (``files.save_atomic``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from .. import console, models
+from .. import console
 from ..config import Config
-from ..data import shard_path
+from ..data.records import shard_path
+from ..detectors import files, models
 from ..errors import SessionError
 from ..session import Session, move, read_json, trash_folder
 
@@ -62,7 +63,7 @@ def save_checkpoint(state: dict[str, Any], directory: Path, step: int, *, keep: 
     """Write ``step-XXXXXXX.pt`` and prune all but the newest ``keep`` (and ``protected``)."""
     path = checkpoint_path(directory, step)
     try:
-        models.save_atomic(state, path)
+        files.save_atomic(state, path)
     except SessionError as exc:  # disk full: the checkpoints already written still count
         last = f"; then resume from {last_saved.name} with --resume_training" if last_saved else ""
         raise SessionError(f"{exc}{last}") from None

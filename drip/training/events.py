@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from torch import nn
 
-from ..evaluate import predict
+from ..evaluation.metrics import predict
 
 SHOWN_EVAL_IMAGES = 4  # eval images drawn to TensorBoard at each evaluation
 _SHOWN_TRAIN_SAMPLES = 8  # augmented training samples in the grid drawn at the start
@@ -132,7 +132,7 @@ def log_training_samples(writer, dataset, sampler, classes: list[str], start_ste
 
 def read_eval_samples(shards: list[Path], count: int) -> list[tuple[Any, list[list[float]], list[int]]]:
     """The first ``count`` eval images (PIL), their boxes in its pixels and labels."""
-    from ..tfrecord import decode_example, iter_records
+    from ..data.tfrecord import decode_example, iter_records
 
     samples = []
     for path in shards:
@@ -153,7 +153,7 @@ def read_eval_samples(shards: list[Path], count: int) -> list[tuple[Any, list[li
 
 def _drawn(image, boxes, labels, classes, scores=None):
     """``image`` scaled to ``_SHOWN_SIZE`` with its boxes drawn as ``drip infer`` draws them."""
-    from ..results import draw_detections
+    from ..evaluation.results import draw_detections
 
     scale = _SHOWN_SIZE / max(image.size)
     shown = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from .. import console, models
+from .. import console
 from ..config import Config
-from ..evaluate import evaluate_records, summary_lines
+from ..data.tiling import training_slicing
+from ..detectors import files
 from ..errors import SessionError
+from ..evaluation.metrics import evaluate_records, summary_lines
 from ..session import Session
-from ..tiling import training_slicing
 from . import events
 from .checkpoints import checkpoint_state, cuda_indices, save_checkpoint
 from .loop import HookBase
@@ -156,7 +157,7 @@ class CheckpointHook(HookBase):
                     last_saved=t.last_saved, protected={self.resumed_from} if self.resumed_from else set(),
                 )
             if t.improved:
-                models.save_atomic(self.state(t.step), self.session.best_checkpoint_path)
+                files.save_atomic(self.state(t.step), self.session.best_checkpoint_path)
 
 
 class SyncCheckHook(HookBase):
@@ -167,7 +168,7 @@ class SyncCheckHook(HookBase):
         self.context = context
 
     def after_train(self) -> None:
-        from ..distributed import weights_digest
+        from .distributed import weights_digest
 
         digests = self.context.gather(weights_digest(self.trainer.model))
         if len(set(digests)) != 1:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import console, detectors
-from ..data import collate
+from ..data.records import collate
 from ..errors import Interrupted, SessionError
 from ..parallel import cores
 

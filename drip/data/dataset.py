@@ -1,4 +1,5 @@
-"""The in-memory form of an annotated image set, and Drip's own JSON format.
+"""The in-memory form of an annotated image set, and Drip's own JSON format (not the session's
+TFRecords as training reads them: ``drip.data.records``).
 
 Every input format (COCO, Pascal VOC, Drip JSON) is read into a list of ``ImageAnnotation``; the
 session's manifests (``split/train.json``, ``split/eval.json``) and the augmented boxes
@@ -19,12 +20,14 @@ optional on input and always written by Drip.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import InputError
+from ..errors import InputError
 
 
 @dataclass
@@ -46,6 +49,38 @@ class ImageAnnotation:
         ]
         if self.extra:
             out["extra"] = self.extra
+        return out
+
+
+@dataclass
+class Annotations:
+    images: list[ImageAnnotation]
+    classes: list[str]  # in the source's own order: COCO by category id, else first appearance
+    format: str  # "coco" | "voc" | "drip" | "yolo"
+    notes: list[dict[str, str]] = field(default_factory=list)  # {"file", "problem", "action"}
+    # COCO only: the source's category id per class name, so results can be written back in the
+    # ids the user's COCO tooling expects even though Drip renumbers classes 1..K.
+    coco_category_ids: dict[str, int] | None = None
+    # Where ``images[].file`` paths start when the format decides it (YOLO: each split's images
+    # folder); None means the image folder the caller gave.
+    image_root: Path | None = None
+    # An eval set the source names itself (a data.yaml's ``val``), with its own image_root.
+    eval: Annotations | None = None
+
+    def relative_to(self, root: Path) -> list[ImageAnnotation]:
+        """Every image of this set and of its eval set that lies under ``root``, named relative
+        to it: what scoring needs, where the image paths are relative to ``--images_path``."""
+        root = Path(os.path.abspath(root))
+        out = []
+        for part in (self, self.eval) if self.eval is not None else (self,):
+            if part.image_root is None:
+                out += part.images
+                continue
+            base = Path(os.path.abspath(part.image_root))
+            for image in part.images:
+                path = base / image.file
+                if path.is_relative_to(root):
+                    out.append(dataclasses.replace(image, file=path.relative_to(root).as_posix()))
         return out
 
 

@@ -3,7 +3,7 @@
 A port that Docker publishes on the engine's bridge reaches the container through its bridge
 address, so a server listening there is also open to every other container on that bridge and to
 the host through that address, whatever host address the port is published on. Instead, in
-bridge mode, TensorBoard listens on the container's own 127.0.0.1; ``python -m drip.forward`` in
+bridge mode, TensorBoard listens on the container's own 127.0.0.1; ``python -m drip.runtime.relay`` in
 the container relays a Unix socket, in a folder bind-mounted from the host and owned by the user,
 to it; and the starter listens on the host's 127.0.0.1 and relays each connection to that socket.
 No port is published, and the container's bridge address serves nothing.
@@ -106,7 +106,7 @@ def tcp_connector(host: str, port: int) -> Callable[[], socket.socket]:
 
 def main(argv: list[str] | None = None) -> int:
     """In the container: listen on ``--unix PATH`` and relay to ``--to HOST:PORT``."""
-    p = argparse.ArgumentParser(prog="python -m drip.forward", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m drip.runtime.relay", description=__doc__.split("\n")[0])
     p.add_argument("--unix", required=True, help="the Unix socket to create and listen on")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="where each connection goes")
     args = p.parse_args(argv)

@@ -1,4 +1,5 @@
-"""TFRecord files of ``tf.train.Example`` protos, without TensorFlow.
+"""TFRecord files of ``tf.train.Example`` protos, without TensorFlow: the format on disk, not
+what training makes of it (``drip.data.records``).
 
 The record framing (length, masked CRC32C of the length, payload, masked CRC32C of the payload)
 and the Example schema are TensorFlow's, so the files Drip writes load in ``tf.data`` and in the
@@ -19,7 +20,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 import google_crc32c
 
-from .errors import SessionError
+from ..errors import SessionError
 
 _MASK_DELTA = 0xA282EAD8
 _U64 = struct.Struct("<Q")

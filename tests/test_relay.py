@@ -1,4 +1,4 @@
-"""drip.forward: the relay that brings TensorBoard from the container's loopback to the host's."""
+"""drip.runtime.relay: the relay that brings TensorBoard from the container's loopback to the host's."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from drip import forward
+from drip.runtime import relay
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,17 +48,17 @@ def ask(port: int, payload: bytes) -> bytes:
 
 
 def test_tcp_to_unix_to_tcp_carries_both_directions(tmp_path):
-    """The whole chain the starter builds: host TCP port -> Unix socket -> python -m drip.forward -> TCP."""
+    """The whole chain the starter builds: host TCP port -> Unix socket -> python -m drip.runtime.relay -> TCP."""
     server, server_port = echo_server()
     path = tmp_path / "tb.sock"
-    relay = subprocess.Popen([sys.executable, "-m", "drip.forward", "--unix", str(path), "--to", f"127.0.0.1:{server_port}"],
-                             cwd=ROOT, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-m", "drip.runtime.relay", "--unix", str(path), "--to", f"127.0.0.1:{server_port}"],
+                               cwd=ROOT, stderr=subprocess.PIPE)
     listener = socket.create_server(("127.0.0.1", 0))
-    stop = forward.start(listener, forward.unix_connector(str(path)))
+    stop = relay.start(listener, relay.unix_connector(str(path)))
     try:
         deadline = time.monotonic() + 30
         while not path.exists():
-            assert relay.poll() is None and time.monotonic() < deadline, relay.stderr.read()
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
             time.sleep(0.05)
         assert path.stat().st_mode & 0o077 == 0  # only the user (and root) may connect
         port = listener.getsockname()[1]
@@ -73,15 +73,15 @@ def test_tcp_to_unix_to_tcp_carries_both_directions(tmp_path):
     finally:
         stop.set()
         listener.close()
-        relay.terminate()
-        relay.wait(10)
+        process.terminate()
+        process.wait(10)
         server.close()
 
 
 def test_a_connection_with_nothing_behind_it_is_closed(tmp_path):
     """Before TensorBoard is up: the client sees the connection end, and the relay keeps serving."""
     listener = socket.create_server(("127.0.0.1", 0))
-    stop = forward.start(listener, forward.unix_connector(str(tmp_path / "missing.sock")))
+    stop = relay.start(listener, relay.unix_connector(str(tmp_path / "missing.sock")))
     try:
         for _ in range(2):
             with socket.create_connection(listener.getsockname(), timeout=10) as s:

@@ -1,9 +1,11 @@
-"""What ``drip infer`` reads and writes, without PyTorch: shared by both ways it runs a model.
+"""The result files of ``drip infer``, without PyTorch: finding the images, naming, writing and
+drawing what a model found, shared by both ways it runs a model.
 
-``drip.stages.infer`` runs a Drip model file (``model.pt``) with PyTorch; ``drip.onnx_infer``
-runs an exported ``.onnx`` file with ONNX Runtime and must not import PyTorch. Both find the
-images, name the results, turn a detector's boxes into JSON records and draw them through here,
-so the two write the same files (the layout is described in ``drip.stages.infer``).
+``drip.stages.infer`` runs a Drip model file (``model.pt``) with PyTorch;
+``drip.deploy.onnx_infer`` runs an exported ``.onnx`` file with ONNX Runtime and must not import
+PyTorch. Both find the images, name the results and draw them through here, so the two write the
+same files (the layout is described in ``drip.stages.infer``). Turning a model's boxes into the
+JSON records is ``drip.data.detections``'.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .console import info, progress, warn
-from .errors import InputError, ModelError, SessionError
-from .images import IMAGE_EXTENSIONS, is_image_file, open_rgb
-from .session import move, trash_folder, write_json
+from ..console import info, progress, warn
+from ..data.images import IMAGE_EXTENSIONS, is_image_file, open_rgb
+from ..errors import InputError, ModelError, SessionError
+from ..session import move, trash_folder, write_json
 
 GROUP_INDEX = "detections.json"
 TRASH = "trash"
@@ -35,7 +36,7 @@ class InferResult:
     detections: int  # detections kept (score >= threshold) over all images
     seconds: float
     failed: int = 0  # images that could not be decoded (listed in their group's detections.json)
-    metrics: Any = None  # drip.evaluate.Metrics with --src_json_path, else None
+    metrics: Any = None  # drip.evaluation.metrics.Metrics with --src_json_path, else None
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,6 @@ class ImageJob:
     rel: str  # posix path relative to images_path, as written in the JSON
     group: str
     out_stem: str  # posix path inside the group's results folder, without extension
-
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -187,24 +187,6 @@ def trash_earlier_results(results_path: Path, groups: list[str]) -> None:
         info(f"moved earlier results {path} to {target / path.name}")
 
 
-# -- the input --------------------------------------------------------------------------------
-def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) with the longer side ``size`` and the aspect ratio kept."""
-    scale = size / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def resize_for_model(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """``image`` with its longer side ``size`` as an HxWx3 uint8 array, and that (width, height).
-
-    The only resizing before the model, whichever runtime runs it: the detector's own transform
-    (normalisation, and a resize that keeps this size) is part of the model and of its export.
-    """
-    shape = resized_size(image.width, image.height, size)
-    small = image if shape == image.size else image.resize(shape, Image.BILINEAR)
-    return np.asarray(small, dtype=np.uint8), shape
-
-
 # -- the run ----------------------------------------------------------------------------------
 # Detections of a batch of (job, image) pairs: one list of JSON records per image, in order.
 Predict = Callable[[Sequence[tuple[ImageJob, Image.Image]]], list[list[dict[str, Any]]]]
@@ -224,7 +206,7 @@ def run_groups(
     network, classes, threshold, image_size). Returns the results folder of each group and the
     counts of images, detections and images that failed to decode.
 
-    ``share`` (a ``drip.distributed.Context`` of several processes) shares the images out: rank
+    ``share`` (a ``drip.training.distributed.Context`` of several processes) shares the images out: rank
     r does every world-th image of each group from the r-th, writes their files, and rank 0
     gathers the records and writes ``detections.json`` as one process would; the counts are
     then rank 0's of all images (the other ranks count their own).
@@ -315,73 +297,6 @@ def summary(n_images: int, n_detections: int, seconds: float, results_path: Path
         f"infer: {n_images} images, {n_detections} detections in {seconds:.1f}s; results in "
         f"{results_path} ({n_groups} group{'s' if n_groups != 1 else ''}){failed}"
     )
-
-
-# -- detections -------------------------------------------------------------------------------
-def scale_boxes_np(boxes: np.ndarray, size: tuple[int, int], resized: tuple[int, int]) -> np.ndarray:
-    """Boxes in ``resized`` pixels -> float64 boxes in pixels of the ``size`` image, clipped to it.
-
-    Per-axis factors: rounding the resized size makes them differ slightly.
-    """
-    boxes = np.asarray(boxes).reshape(-1, 4).astype(np.float64)
-    width, height = size
-    scale = np.array([width / resized[0], height / resized[1]] * 2, dtype=np.float64)
-    boxes = boxes * scale
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0.0, float(width))
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0.0, float(height))
-    return boxes
-
-
-def to_detections_np(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    labels: np.ndarray,
-    *,
-    size: tuple[int, int],
-    resized: tuple[int, int],
-    threshold: float,
-    names: Sequence[str],
-) -> list[dict[str, Any]]:
-    """Detections in ``resized`` pixels -> JSON records in pixels of the ``size`` image.
-
-    Keeps scores >= ``threshold`` percent, best first; boxes are clipped to the image and
-    dropped if nothing of them is left inside it. PyTorch inference calls this too
-    (``drip.stages.infer.to_detections``), so both runtimes post-process alike.
-    """
-    boxes = scale_boxes_np(boxes, size, resized)
-    scores = np.asarray(scores).reshape(-1)
-    labels = np.asarray(labels).reshape(-1)
-    if not np.issubdtype(scores.dtype, np.floating):
-        scores = scores.astype(np.float32)
-    # Compare in the scores' own precision: float32 0.7 is below the float64 0.7, and a
-    # detection scored exactly at the threshold must be kept.
-    keep = scores >= scores.dtype.type(threshold / 100.0)
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    order = np.argsort(-scores, kind="stable")  # best first, ties in the model's order
-    return detection_records(boxes[order].tolist(), scores[order].tolist(), labels[order].tolist(), size, names)
-
-
-def detection_records(boxes, scores, labels, size: tuple[int, int], names: Sequence[str]) -> list[dict[str, Any]]:
-    """JSON records of detections already scaled, filtered and ordered; empty boxes are dropped."""
-    width, height = size
-    out = []
-    for (x0, y0, x1, y1), score, label in zip(boxes, scores, labels):
-        if x1 <= x0 or y1 <= y0:
-            continue
-        class_id = int(label)
-        name = names[class_id - 1] if 1 <= class_id <= len(names) else f"class_{class_id}"
-        out.append(
-            {
-                "class_id": class_id,
-                "label": name,
-                "score": round(float(score), 4),
-                "box": [round(v, 2) for v in (x0, y0, x1, y1)],
-                "box_normalized": [
-                    round(x0 / width, 6), round(y0 / height, 6), round(x1 / width, 6), round(y1 / height, 6)
-                ],
-            }
-        )
-    return out
 
 
 # -- drawing ----------------------------------------------------------------------------------

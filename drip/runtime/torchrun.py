@@ -3,7 +3,7 @@
 ``drip train`` with ``--nproc_per_node`` > 1 or ``--nnodes`` > 1 prepares the session in its own
 process (split, augment, records, configure: once, never per rank), then starts
 ``python -m torch.distributed.run`` (torchrun: rendezvous, restarts, signal forwarding are all
-PyTorch's) with ``python -m drip.distributed`` as the worker. Each worker writes its output to
+PyTorch's) with ``python -m drip.runtime.worker`` as the worker. Each worker writes its output to
 ``dl/logs/rank-N.log``; torchrun's own output goes to ``dl/logs/torchrun.log``. This process
 shows the log of its node's first rank (rank 0 on the first node) as it grows, forwards Ctrl-C
 and SIGTERM to torchrun (which passes them to every worker: rank 0 saves one checkpoint, all
@@ -31,9 +31,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, DistributedError, Interrupted
+from ..errors import ConfigError, DistributedError, Interrupted
 
 LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "max_restarts")
+CONFIG_ENV = "DRIP_TRAIN_CONFIG"  # the resolved config, as JSON, from the launching process to the ranks
 SHUTDOWN_SECONDS = 120  # what torchrun gives the workers to save a checkpoint after a stop
 
 
@@ -131,7 +132,7 @@ def torchrun_argv(launch: Launch, nproc: int, session_folder: Path, resume: bool
         join = max(60, int(dist_timeout * 60))  # how long the nodes wait for each other to arrive
         argv += ["--rdzv-backend", "static", "--rdzv-endpoint", str(launch.rdzv_endpoint),
                  "--node-rank", str(launch.node_rank), "--rdzv-conf", f"join_timeout={join}"]
-    argv += ["-m", "drip.distributed", "--session_folder", str(session_folder)]
+    argv += ["-m", "drip.runtime.worker", "--session_folder", str(session_folder)]
     if command != "train":
         argv += ["--command", command, "--logs_dir", str(logs_dir)]
     if resume:
@@ -153,7 +154,7 @@ def run(launch: Launch, nproc: int, session_folder: Path, logs_dir: Path, resume
     # torchrun sets 1 thread per worker when unset; on the CPU a worker may use its share of cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env["DRIP_TRAIN_CONFIG"] = json.dumps(config)  # drip.distributed.CONFIG_ENV: what the ranks train with
+    env[CONFIG_ENV] = json.dumps(config)  # what the ranks train with
     argv = torchrun_argv(launch, nproc, session_folder, resume, float(config.get("dist_timeout", 30.0)),
                          command=command, logs_dir=logs_dir)
     world = nproc * launch.nnodes

@@ -1,4 +1,6 @@
-"""The training data as PyTorch sees it: a map-style dataset over TFRecord shards.
+"""The training data as PyTorch sees it: a map-style dataset over the session's TFRecord shards
+(not the annotations' in-memory form, ``drip.data.dataset``, nor the record format itself,
+``drip.data.tfrecord``).
 
 ``RecordDataset`` indexes the shards once (offsets only, so memory does not grow with the image
 bytes), opens the files lazily in whichever process reads them, and turns one record into what a
@@ -29,9 +31,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .errors import SessionError
+from ..errors import SessionError
+from ..session import Session, read_json
 from .labelmap import LabelMap
-from .session import Session, read_json
 from .tfrecord import decode_example, index_records, read_record_at
 
 # A sample key is either a plain record index (no augmentation) or, in training, the pair

@@ -32,10 +32,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import console
-from .config import DEFAULT_THRESHOLD as INFER_THRESHOLD
-from .errors import DripError, SessionError
-from .session import Session, move, read_json, trash_folder
+from .. import console
+from ..config import DEFAULT_THRESHOLD as INFER_THRESHOLD
+from ..errors import DripError, SessionError
+from ..session import Session, move, read_json, trash_folder
 
 REPORT_DIR = "report"
 GRID_IMAGES = 8  # eval images drawn, each as predicted | ground truth
@@ -351,7 +351,7 @@ def _dataset_pictures(session: Session, folder: Path, report: Report) -> None:
 
 def _class_names(session: Session, splits: dict[str, list[dict[str, Any]]]) -> list[str]:
     if session.label_map_path.is_file():
-        from .labelmap import LabelMap
+        from ..data.labelmap import LabelMap
 
         return list(LabelMap.read(session.label_map_path).names)
     seen: list[str] = []
@@ -367,8 +367,8 @@ def _class_names(session: Session, splits: dict[str, list[dict[str, Any]]]) -> l
 @dataclass
 class _Evaluation:
     classes: list[str]
-    found: Any  # drip.evaluate.RecordPredictions
-    metrics: Any  # drip.evaluate.Metrics
+    found: Any  # drip.evaluation.metrics.RecordPredictions
+    metrics: Any  # drip.evaluation.metrics.Metrics
     model_meta: dict[str, Any]
 
 
@@ -379,7 +379,7 @@ def _evaluate_model(session: Session, threshold: float, device: str, batch_size:
     if not session.model_path.is_file():
         reason = f"no {session.model_path.name} in {session.dl}: training has not exported a model yet"
     else:
-        from .data import read_eval_records
+        from ..data.records import read_eval_records
 
         try:
             shards = read_eval_records(session)
@@ -391,10 +391,9 @@ def _evaluate_model(session: Session, threshold: float, device: str, batch_size:
         for title in titles:
             report.missing[title] = reason
         return None
-    from .evaluate import coco_metrics, predict_records
-    from .models import load_model, resolve_device
-
-    from .tiling import resolve_slicing
+    from ..data.tiling import resolve_slicing
+    from ..detectors.models import load_model, resolve_device
+    from .metrics import coco_metrics, predict_records
 
     resolved = resolve_device(device)
     loaded = load_model(session.model_path, resolved)
@@ -576,7 +575,7 @@ details { margin: 1em 0; } summary { cursor: pointer; font-weight: 600; }
 
 
 def _page(session: Session, report: Report, ev: _Evaluation | None, facts: dict[str, Any], threshold: float) -> str:
-    from . import __version__
+    from .. import __version__
 
     e = html.escape
     state = session.read_state()
@@ -641,7 +640,7 @@ def _page(session: Session, report: Report, ev: _Evaluation | None, facts: dict[
 
 def _config_items(session: Session, ev: _Evaluation | None) -> dict[str, Any]:
     if session.config_path.is_file():
-        from .config import Config
+        from ..config import Config
 
         try:
             return Config.read(session.config_path).to_dict()

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .config import Config, InferConfig
-from .errors import DripError
+from ..config import Config, InferConfig
+from ..errors import DripError
 from .torchrun import Launch
 
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"  # the Dockerfile's ARG default (a test checks)
@@ -51,8 +51,8 @@ IMAGE_REPO = "drip"
 HOST_PREFIX = "/drip/host"
 DEFAULT_SESSION_FOLDER = "pipeline/"
 DEFAULT_TENSORBOARD_PORT = 6006
-# In bridge mode TensorBoard listens on the container's 127.0.0.1, and drip.forward relays a Unix
-# socket in this folder (a private host folder mounted here) to it; see drip/forward.py.
+# In bridge mode TensorBoard listens on the container's 127.0.0.1, and drip.runtime.relay relays a Unix
+# socket in this folder (a private host folder mounted here) to it; see drip/runtime/relay.py.
 RELAY_DIR = "/drip/tensorboard"
 RELAY_SOCKET = "tensorboard.sock"
 GIB = 1 << 30
@@ -406,9 +406,9 @@ def build_run_spec(command: str, args: argparse.Namespace, image: str, host: Hos
             tensorboard = _tensorboard_argv(logs, "127.0.0.1", tb_port)
         else:
             # No published port: one would make the container's bridge address serve TensorBoard
-            # to other containers. Its own loopback, relayed through a Unix socket (drip.forward).
+            # to other containers. Its own loopback, relayed through a Unix socket (drip.runtime.relay).
             tensorboard = _tensorboard_argv(logs, "127.0.0.1", DEFAULT_TENSORBOARD_PORT)
-            relay = ["python", "-m", "drip.forward", "--unix", f"{RELAY_DIR}/{RELAY_SOCKET}",
+            relay = ["python", "-m", "drip.runtime.relay", "--unix", f"{RELAY_DIR}/{RELAY_SOCKET}",
                      "--to", f"127.0.0.1:{DEFAULT_TENSORBOARD_PORT}"]
         url = f"http://127.0.0.1:{tb_port}/"
 
@@ -501,7 +501,7 @@ def _host_memory() -> int:
 # -- the image --------------------------------------------------------------------------------
 def project_root() -> Path:
     """The folder holding Drip's Dockerfile: the clone the starters run from."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / "Dockerfile").is_file():
         raise DripError(
             f"Drip's Dockerfile is not in {root}; the Docker runtime builds its image from a "
@@ -795,9 +795,9 @@ def run_spec(client, spec: RunSpec, identity: Identity, out=None, err=None) -> i
         if spec.tensorboard:
             _start_tensorboard(client, cid, spec, err)
             if listener is not None:
-                from . import forward
+                from . import relay
 
-                stop_relay = forward.start(listener, forward.unix_connector(os.path.join(relay_folder, RELAY_SOCKET)))
+                stop_relay = relay.start(listener, relay.unix_connector(os.path.join(relay_folder, RELAY_SOCKET)))
         if spec.interactive and spec.tty:
             _resize(client, cid)
         _pump(client, cid, sock, spec, out, err)

@@ -3,11 +3,11 @@
 No PyTorch: this module, and everything it imports, needs only NumPy, Pillow and ONNX Runtime,
 so a machine that only runs models does not install PyTorch (``drip.cli`` sends ``.onnx``
 models here before anything imports it). Scoring against annotations (``--src_json_path``) is
-the exception: it is ``drip.evaluate``'s, which uses PyTorch.
+the exception: it is ``drip.evaluation.metrics``'s, which uses PyTorch.
 
 Reads  the ``.onnx`` file (its metadata names the classes, image size and score floor; see
-       ``drip.export``) and every image under ``--images_path``.
-Writes the same files as ``drip.stages.infer``, through the same code (``drip.results``): each
+       ``drip.deploy.export``) and every image under ``--images_path``.
+Writes the same files as ``drip.stages.infer``, through the same code (``drip.evaluation.results``): each
        image is resized the same way before the model and its detections are scaled back,
        filtered and recorded the same way, so the two runtimes' results differ only by the
        numerical differences of the runtimes (``tests/test_export.py`` states the tolerance).
@@ -29,26 +29,24 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .config import InferConfig
-from .console import info, warn
-from .errors import ConfigError, ModelError
-from .results import (
+from ..config import InferConfig
+from ..console import info, warn
+from ..data.detections import resize_for_model, scale_boxes_np, to_detections_np
+from ..data.tiling import predict_sliced, resolve_slicing
+from ..errors import ConfigError, ModelError
+from ..evaluation.results import (
     COCO_RESULTS,
     METRICS,
     ImageJob,
     InferResult,
     find_images,
-    resize_for_model,
     resolve_model_path,
     run_groups,
-    scale_boxes_np,
     summary,
-    to_detections_np,
     trash_earlier_results,
 )
-from .tiling import predict_sliced, resolve_slicing
 
-ONNX_FORMAT = "drip-onnx"  # drip.export.ONNX_FORMAT; not imported from there: it imports torch
+ONNX_FORMAT = "drip-onnx"  # drip.deploy.export.ONNX_FORMAT; not imported from there: it imports torch
 
 
 def is_onnx_model(model: str | Path | None) -> bool:
@@ -197,7 +195,7 @@ def run(config: InferConfig, session_folder: Path) -> InferResult:
     )
     metrics = None
     if scoring is not None:
-        from .evaluate import write_scores
+        from ..evaluation.metrics import write_scores
 
         metrics = write_scores(scoring, results_path, config, model_path, model, size)
     seconds = time.perf_counter() - started
@@ -207,14 +205,14 @@ def run(config: InferConfig, session_folder: Path) -> InferResult:
     )
 
 
-# -- scoring (needs PyTorch, through drip.evaluate) --------------------------------------------
+# -- scoring (needs PyTorch, through drip.evaluation.metrics) --------------------------------------------
 def _scoring(config: InferConfig):
     """Read the annotations now (a bad file fails before the model loads); a Scoring maker."""
-    from .annotations import load_for_scoring
+    from ..data.annotations import load_for_scoring
 
     annotations = load_for_scoring(Path(config.src_json_path), Path(config.images_path))
     try:
-        from .evaluate import Scoring
+        from ..evaluation.metrics import Scoring
     except ImportError as exc:
         raise ModelError(
             f"--src_json_path with an ONNX model: scoring uses Drip's evaluator, which needs "
@@ -225,7 +223,7 @@ def _scoring(config: InferConfig):
 
 def _in_image_pixels(output: dict[str, np.ndarray], size: tuple[int, int], shape: tuple[int, int]):
     """The graph's output for the ``shape`` input -> (boxes, scores, labels) in pixels of the
-    ``size`` image, boxes with nothing left inside it dropped (as ``drip.evaluate`` does)."""
+    ``size`` image, boxes with nothing left inside it dropped (as ``drip.evaluation.metrics`` does)."""
     boxes = scale_boxes_np(output["boxes"], size, shape)
     scores = np.asarray(output["scores"], dtype=np.float32).reshape(-1)
     labels = np.asarray(output["labels"]).reshape(-1)
@@ -234,7 +232,7 @@ def _in_image_pixels(output: dict[str, np.ndarray], size: tuple[int, int], shape
 
 
 def _image_detections(rel: str, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray):
-    """``drip.evaluate.ImageDetections`` of detections already in the image's pixels."""
-    from .evaluate import ImageDetections
+    """``drip.evaluation.metrics.ImageDetections`` of detections already in the image's pixels."""
+    from ..evaluation.metrics import ImageDetections
 
     return ImageDetections(rel, boxes, scores, labels)

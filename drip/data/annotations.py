@@ -5,9 +5,9 @@ Four formats are accepted and told apart by their content, not their names:
 * a folder of Pascal VOC ``.xml`` files (searched recursively), as written by labelImg, CVAT,
   Roboflow and the VOC datasets themselves;
 * a COCO instances ``.json`` (``images``, ``annotations``, ``categories``);
-* Drip's own JSON (``{"images": [{"file": ...}]}``, see ``drip.dataset``);
+* Drip's own JSON (``{"images": [{"file": ...}]}``, see ``drip.data.dataset``);
 * a YOLO dataset: its ``data.yaml`` (or the folder holding it) or a ``labels`` folder of
-  ``.txt`` files (see ``drip.yolo``). YOLO fixes where its images are, so its ``Annotations``
+  ``.txt`` files (see ``drip.data.yolo``). YOLO fixes where its images are, so its ``Annotations``
   carry their own ``image_root``, and a ``data.yaml`` naming ``val`` carries that eval set.
 
 ``load_annotations`` only reads: it never opens an image and never judges a box. Whether an image
@@ -27,53 +27,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..errors import InputError
 from .boxes import voc_to_xyxy, xywh_to_xyxy
-from .dataset import ImageAnnotation, as_float, encodable, is_number, read_drip_json, safe_relative
-from .errors import InputError
+from .dataset import Annotations, ImageAnnotation, as_float, encodable, is_number, read_drip_json, safe_relative
 
 ACCEPTED = (
     "a COCO instances .json (with \"images\", \"annotations\", \"categories\"), "
     "Drip JSON ({\"images\": [{\"file\": ...}]}), a folder of Pascal VOC .xml files, "
     "or a YOLO data.yaml or labels folder"
 )
-
-
-@dataclass
-class Annotations:
-    images: list[ImageAnnotation]
-    classes: list[str]  # in the source's own order: COCO by category id, else first appearance
-    format: str  # "coco" | "voc" | "drip" | "yolo"
-    notes: list[dict[str, str]] = field(default_factory=list)  # {"file", "problem", "action"}
-    # COCO only: the source's category id per class name, so results can be written back in the
-    # ids the user's COCO tooling expects even though Drip renumbers classes 1..K.
-    coco_category_ids: dict[str, int] | None = None
-    # Where ``images[].file`` paths start when the format decides it (YOLO: each split's images
-    # folder); None means the image folder the caller gave.
-    image_root: Path | None = None
-    # An eval set the source names itself (a data.yaml's ``val``), with its own image_root.
-    eval: Annotations | None = None
-
-    def relative_to(self, root: Path) -> list[ImageAnnotation]:
-        """Every image of this set and of its eval set that lies under ``root``, named relative
-        to it: what scoring needs, where the image paths are relative to ``--images_path``."""
-        root = Path(os.path.abspath(root))
-        out = []
-        for part in (self, self.eval) if self.eval is not None else (self,):
-            if part.image_root is None:
-                out += part.images
-                continue
-            base = Path(os.path.abspath(part.image_root))
-            for image in part.images:
-                path = base / image.file
-                if path.is_relative_to(root):
-                    out.append(dataclasses.replace(image, file=path.relative_to(root).as_posix()))
-        return out
 
 
 def load_annotations(src: Path, image_root: Path) -> Annotations:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MIN_TILE_SIZE = 32  # below this a tile holds too little context for any of Drip's networks
 MIN_VISIBLE = 0.5  # a box cut by a tile border is kept when this fraction of its area is inside
@@ -350,10 +350,9 @@ def tile_training_images(
     import shutil
     from pathlib import Path
 
+    from ..errors import InputError
+    from ..parallel import ordered_map
     from .dataset import resolve_image
-    from .parallel import ordered_map
-
-    from .errors import InputError
 
     out_root = Path(out_root)
     if Path(image_root).resolve().is_relative_to(out_root.resolve()):

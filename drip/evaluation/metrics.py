@@ -42,10 +42,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .console import info, progress, warn
-from .errors import InputError, SessionError
-from .detectors import EVAL_SCORE_FLOOR, evaluation_mode, forward_batch, scale_boxes  # noqa: F401
-
+from ..console import info, progress, warn
+from ..detectors import EVAL_SCORE_FLOOR, evaluation_mode, forward_batch, scale_boxes  # noqa: F401
+from ..errors import InputError, SessionError
 
 # pycocotools' ``COCOeval.stats``, in its order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -376,7 +375,7 @@ def predict(
     detections are in original pixels, every score above ``EVAL_SCORE_FLOOR``, at most the
     model's ``detections_per_img`` (100) per image. ``images`` is consumed lazily, a batch at
     a time, so a generator keeps only one batch of decoded images in memory. With ``slicing``
-    (a ``drip.tiling.Slicing``) each image is predicted tile by tile, ``batch_size`` tiles at
+    (a ``drip.data.tiling.Slicing``) each image is predicted tile by tile, ``batch_size`` tiles at
     a time, and the boxes are merged across tiles, as ``drip infer`` does.
     """
     device = torch.device(device)
@@ -408,11 +407,11 @@ def predict_sliced(
     model: torch.nn.Module, image_id: Hashable, image: Image.Image, image_size: int, device: torch.device,
     batch_size: int, slicing: Any,
 ) -> ImageDetections:
-    """``image``'s detections predicted tile by tile (``drip.tiling.predict_sliced``), in its pixels.
+    """``image``'s detections predicted tile by tile (``drip.data.tiling.predict_sliced``), in its pixels.
 
     The model must be in ``evaluation_mode`` already.
     """
-    from .tiling import predict_sliced as sliced
+    from ..data.tiling import predict_sliced as sliced
 
     def detect(crops):
         results = forward_batch(model, crops, image_size, device, batch_size)
@@ -469,7 +468,7 @@ def predict_records(
     Image ids are the records' positions (0, 1, ...); the first ``keep_images`` images are kept.
     With ``slicing`` (a model trained on tiles) each image is predicted tile by tile.
     """
-    from .tfrecord import decode_example, index_records, iter_records
+    from ..data.tfrecord import decode_example, index_records, iter_records
 
     paths = [Path(p) for p in shard_paths]
     truths: list[ImageTruth] = []
@@ -610,9 +609,9 @@ class EvaluateResult:
 def evaluate_annotations(config, session_folder: Path) -> EvaluateResult:
     """``drip evaluate``: score the model ``config.model`` on ``config.images_path`` against
     ``config.src_json_path`` and write the metrics JSON to ``config.metrics_path()``."""
-    from .annotations import load_for_scoring
-    from .images import open_rgb
-    from .models import load_model, resolve_device
+    from ..data.annotations import load_for_scoring
+    from ..data.images import open_rgb
+    from ..detectors.models import load_model, resolve_device
     from .results import resolve_model_path
 
     started = time.perf_counter()
@@ -634,7 +633,7 @@ def evaluate_annotations(config, session_folder: Path) -> EvaluateResult:
     device = resolve_device(config.device)
     loaded = load_model(model_path, device)
     size = int(config.image_size or loaded.image_size)
-    from .tiling import resolve_slicing
+    from ..data.tiling import resolve_slicing
 
     slicing = resolve_slicing(config.tile_size, config.tile_overlap, config.tile_full_pass, loaded.meta)
     scoring = Scoring(annotations, loaded.classes, str(src))  # before any image: a class mismatch fails fast
@@ -681,7 +680,7 @@ def evaluate_annotations(config, session_folder: Path) -> EvaluateResult:
     moved = set_aside(output)
     if moved:
         info(f"moved the earlier {output.name} to {moved}")
-    from .session import write_json
+    from ..session import write_json
 
     write_json(output, report)
     for line in summary_lines(metrics):
@@ -704,7 +703,7 @@ def metrics_report(metrics: Metrics, **facts: Any) -> dict[str, Any]:
 
 def set_aside(path: Path) -> Path | None:
     """Move an existing ``path`` to ``<its folder>/trash/<timestamp>/``; return where it went."""
-    from .session import move, trash_folder
+    from ..session import move, trash_folder
 
     path = Path(path)
     if not path.exists():
@@ -737,8 +736,8 @@ def summary_lines(metrics: Metrics) -> list[str]:
 def write_scores(scoring: "Scoring", results_path: Path, config, model_path: Path, loaded: Any, size: int) -> Metrics | None:
     """Write what ``drip infer --src_json_path`` scored: ``metrics.json`` (and ``coco_results.json``
     for COCO annotations) at the top of ``results_path``; both runtimes' inference call it."""
+    from ..session import write_json
     from .results import COCO_RESULTS, METRICS
-    from .session import write_json
 
     missing = scoring.missing()
     if missing:

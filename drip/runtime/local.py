@@ -1,5 +1,6 @@
-"""Runs the stages in order: what ``drip train``, ``drip stage``, ``drip infer``, ``drip evaluate``,
-``drip export`` and ``drip report`` do.
+"""The local runtime: ``drip train``, ``drip stage``, ``drip infer``, ``drip evaluate``, ``drip export``
+and ``drip report`` run their stages in order in this process (training and inference on several
+processes through ``drip.runtime.torchrun``).
 
 The only module that knows the order of the stages and how a session starts, resumes and records
 its resolved config; the stages themselves know nothing of each other.
@@ -10,12 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import console
-from .config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig
-from .errors import ConfigError, InputError, SessionError
-from .session import Session
+from .. import console
+from ..config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig
+from ..errors import ConfigError, InputError, SessionError
+from ..session import Session
+from ..stages import augment, configure, records, split
+from ..stages import infer as infer_stage
+from ..stages import train as train_stage
 from .torchrun import Launch
-from .stages import augment, configure, infer as infer_stage, records, split, train as train_stage
 
 STAGE_MODULES = {
     "split": split,
@@ -30,7 +33,7 @@ def train(session_folder: Path, overrides: dict, resume: bool = False, launch: L
     """``drip train``: a new session through every stage, or ``resume`` the current one.
 
     With ``launch`` asking for several processes the stages before training run here, once, and
-    the training runs under torchrun (``drip.torchrun``).
+    the training runs under torchrun (``drip.runtime.torchrun``).
     """
     session = Session(Path(session_folder))
     if resume:
@@ -78,7 +81,7 @@ def _processes(launch: Launch | None, config, split: bool = True) -> int:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     nproc = launch.processes(gpus)
     if split:
-        from .distributed import split_batch
+        from ..training.distributed import split_batch
 
         split_batch(config.batch_size, nproc * launch.nnodes)
     return nproc
@@ -88,8 +91,8 @@ def _train(session: Session, config: Config, resume: bool, launch: Launch | None
     """The train stage in this process, or under torchrun on ``nproc`` processes per node."""
     if launch is None or nproc * launch.nnodes == 1:
         return train_stage.run(session, config, resume=resume)
+    from ..training.checkpoints import set_aside_earlier_run
     from . import torchrun
-    from .training.checkpoints import set_aside_earlier_run
 
     if not resume:
         set_aside_earlier_run(session)  # before the ranks start writing their logs there
@@ -100,7 +103,7 @@ def _train(session: Session, config: Config, resume: bool, launch: Launch | None
 
 def infer(session_folder: Path, overrides: dict, launch: Launch | None = None):
     """``drip infer``; with ``launch`` asking for several processes, under torchrun, the images
-    shared out (``drip.results.run_groups``)."""
+    shared out (``drip.evaluation.results.run_groups``)."""
     config = InferConfig().updated(overrides, CLI)
     nproc = _processes(launch, config, split=False)
     if nproc > 1:
@@ -114,15 +117,15 @@ def infer(session_folder: Path, overrides: dict, launch: Launch | None = None):
 
 def evaluate(session_folder: Path, overrides: dict):
     """``drip evaluate``: COCO metrics of a model on an annotated set of images."""
-    from .evaluate import evaluate_annotations
+    from ..evaluation.metrics import evaluate_annotations
 
     config = EvaluateConfig().updated(overrides, CLI)
     return _timed("evaluate", lambda: evaluate_annotations(config, Path(session_folder)))
 
 
 def export(session_folder: Path, overrides: dict):
-    """``drip export``: the model as ONNX or TorchScript (see ``drip.export``)."""
-    from .export import export as export_model
+    """``drip export``: the model as ONNX or TorchScript (see ``drip.deploy.export``)."""
+    from ..deploy.export import export as export_model
 
     config = ExportConfig().updated(overrides, CLI)
     model_path = infer_stage.resolve_model_path(config.model, Path(session_folder))
@@ -134,8 +137,8 @@ def export(session_folder: Path, overrides: dict):
 
 
 def report(session_folder: Path, overrides: dict):
-    """``drip report``: the session's pictures and index.html, drawn again (see ``drip.report``)."""
-    from .report import write_report
+    """``drip report``: the session's pictures and index.html, drawn again (see ``drip.evaluation.report``)."""
+    from ..evaluation.report import write_report
 
     config = ReportConfig().updated(overrides, CLI)
     return write_report(
@@ -146,7 +149,7 @@ def report(session_folder: Path, overrides: dict):
 
 def list_networks() -> None:
     """The networks Drip builds, with their published COCO figures and where those come from."""
-    from . import detectors
+    from .. import detectors
 
     rows = [("network", "COCO AP", "latency", "params", "licence")]
     sources: list[str] = []
@@ -178,7 +181,7 @@ def _session_config(session: Session, overrides: dict, require: bool) -> Config:
 
 def _check_inputs(config: Config) -> None:
     """Fail on a missing input before the current session is moved to trash."""
-    from .yolo import is_yolo_source
+    from ..data.yolo import is_yolo_source
 
     sources = [("src_json_path", config.src_json_path), ("eval_json_path", config.eval_json_path)]
     for flag, value in sources:
@@ -195,7 +198,7 @@ def _check_inputs(config: Config) -> None:
         raise InputError(f"--class_map_path {config.class_map_path}: not found; fix the path or leave the flag out to take classes from the annotations")
     if config.eval_percentage >= 100:
         raise ConfigError("--eval_percentage 100 leaves nothing to train on; use a value below 100")
-    from . import models
+    from ..detectors import models
 
     # A model file given as --network is read now: a missing, damaged or refused (code-running)
     # file must not cost the current session or an hour of data preparation.

@@ -1,7 +1,7 @@
 """Augmentation policies: the user-edited YAML file that lists the albumentations transforms.
 
 A policy (``files/augmentations.yaml`` by default; Drip ships the same content as
-``drip/policies/default.yaml`` and uses it when that file is missing) looks like::
+``drip/data/policies/default.yaml`` and uses it when that file is missing) looks like::
 
     bbox:
       min_visibility: 0.3
@@ -35,12 +35,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import console
-from .config import Config
-from .errors import ConfigError
+from .. import console
+from ..config import Config
+from ..errors import ConfigError
 
 DEFAULT_POLICY_PATH = Path(Config.fields()["augmentation_policy"].default)
-BUILTIN_SOURCE = "drip/policies/default.yaml (built-in)"
+BUILTIN_SOURCE = "drip/data/policies/default.yaml (built-in)"
 
 # Box settings a policy may change. Format, label fields and clipping are Drip's: every stage
 # exchanges Pascal VOC pixel boxes, and a box sticking out of the image is clipped, not an error.
@@ -211,7 +211,7 @@ def load_policy(path: Path | None) -> Policy:
                     f"leave it out to use {DEFAULT_POLICY_PATH} (or the built-in policy)"
                 )
     if path is None:
-        text = resources.files("drip.policies").joinpath("default.yaml").read_text(encoding="utf-8")
+        text = resources.files("drip.data.policies").joinpath("default.yaml").read_text(encoding="utf-8")
         source = BUILTIN_SOURCE
     else:
         if path.is_dir():
@@ -365,4 +365,4 @@ def _one_line(exc: Exception) -> str:
 
 
 def _builtin_path() -> str:
-    return str(resources.files("drip.policies").joinpath("default.yaml"))
+    return str(resources.files("drip.data.policies").joinpath("default.yaml"))

@@ -8,7 +8,7 @@ What the exported model takes and gives, in both formats:
 
 * in: one RGB image as a float32 ``3 x H x W`` array in 0..1, already resized so that its longer
   side is the model's image size, exactly as ``drip infer`` resizes it
-  (``drip.results.resize_for_model``: Pillow, bilinear). H and W are free (ONNX: dynamic axes).
+  (``drip.data.detections.resize_for_model``: Pillow, bilinear). H and W are free (ONNX: dynamic axes).
   The detector's own transform (normalisation with the ImageNet mean and deviation, and a
   resize that keeps that size) is inside the graph.
 * out: ``boxes`` (N x 4, ``[xmin, ymin, xmax, ymax]`` in pixels of that input), ``labels``
@@ -37,20 +37,20 @@ from typing import Any
 
 import torch
 
-from . import detectors
-from .errors import ConfigError, ModelError
-from .models import LoadedModel, load_model
+from .. import detectors
+from ..detectors.models import LoadedModel, load_model
+from ..errors import ConfigError, ModelError
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-ONNX_FORMAT = "drip-onnx"  # the metadata's drip.format, checked by drip.onnx_infer
+ONNX_FORMAT = "drip-onnx"  # the metadata's drip.format, checked by drip.deploy.onnx_infer
 EXPORT_VERSION = 1
 # The legacy (TorchScript-based) exporter: the torch.export-based one cannot trace torchvision's
 # detectors (data-dependent shapes in the RPN and the box post-processing). 17 is the newest
 # opset it writes that every ONNX Runtime from 1.12 on runs; torchvision needs at least 11.
 OPSET = 17
 # torchvision's detectors drop detections under 0.05; the exported graph keeps everything from
-# 0.001 (what COCO scoring uses, drip.evaluate.EVAL_SCORE_FLOOR). Lowering the floor never
+# 0.001 (what COCO scoring uses, drip.evaluation.metrics.EVAL_SCORE_FLOOR). Lowering the floor never
 # changes the detections above it: NMS and the best-100 cut only ever drop a box for a
 # better-scoring one.
 SCORE_FLOOR = 0.001
@@ -100,8 +100,8 @@ def export(
 
 def description(loaded: LoadedModel, image_size: int, output_names: list[str]) -> dict[str, Any]:
     """What an exported model says about itself, as plain JSON-able values."""
-    from . import __version__
-    from .tiling import trained_tiling
+    from .. import __version__
+    from ..data.tiling import trained_tiling
 
     tile_size, tile_overlap = trained_tiling(loaded.meta)
     return {

@@ -28,9 +28,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .annotations import Annotations
-from .dataset import ImageAnnotation
-from .errors import InputError
+from ..errors import InputError
+from .dataset import Annotations, ImageAnnotation
 from .images import IMAGE_EXTENSIONS, display_size, is_image_file
 
 YAML_NAMES = ("data.yaml", "data.yml")

@@ -1,4 +1,4 @@
-"""Distributed training: what a torchrun worker knows about its process group, in one place.
+"""Distributed training and inference: what a torchrun worker knows about its process group, in one place.
 
 Started by ``torch.distributed.run`` (torchrun), each worker reads its place from the environment
 torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). ``context()`` is that place, and the
@@ -12,28 +12,17 @@ for the step, so a run on any number of processes sees the same images at the sa
 Without torchrun (``WORLD_SIZE`` unset or 1) the context is a single process and every
 collective is a no-op: the single-process path is the same code.
 
-``python -m drip.distributed --session_folder PATH [--resume]`` is the worker's entry point: its
-output goes to ``dl/logs/rank-N.log``, it joins the group with ``--dist_timeout`` as the timeout
-of every collective (a dead or hung peer ends the run instead of hanging it), and runs the train
-stage on the session the launching process prepared, with the config it resolved
-(``DRIP_TRAIN_CONFIG``). After an elastic restart
-(``TORCHELASTIC_RESTART_COUNT`` > 0) it resumes from the newest checkpoint.
+The worker that torchrun starts, which runs the stages, is ``drip.runtime.worker``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ConfigError, DistributedError
-
-CONFIG_ENV = "DRIP_TRAIN_CONFIG"  # the resolved config, as JSON, from the launching process
+from ..errors import ConfigError
 
 
 @dataclass
@@ -193,72 +182,3 @@ def weights_digest(model) -> float:
             total += (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum() * (i + 1)
     return float(total)
 
-
-# -- the worker -------------------------------------------------------------------------------
-def redirect_output(log: Path) -> None:
-    """Send this process's stdout and stderr (Python's and the C libraries') to ``log``, appended."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m drip.distributed", description="A torchrun worker of drip.")
-    p.add_argument("--command", choices=("train", "infer"), default="train")
-    p.add_argument("--session_folder", required=True)
-    p.add_argument("--logs_dir", help="where rank-N.log goes (default: the session's dl/logs)")
-    p.add_argument("--resume", action="store_true")
-    args = p.parse_args(argv)
-    from . import cli, console
-    from .session import Session
-
-    ctx = context()
-    session = Session(Path(args.session_folder))
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    redirect_output(Path(args.logs_dir or session.logs_dir) / f"rank-{ctx.rank}.log")
-    host = os.uname().nodename
-    console.info(
-        f"rank {ctx.rank} of {ctx.world} (local rank {ctx.local_rank}) on {host}, pid {os.getpid()}"
-        + (f", restart {restart}" if restart else "")
-    )
-
-    def run() -> int:
-        from .config import Config, InferConfig
-        from .stages import infer, train
-
-        # The launching process resolved the config (session file, flags, configure) and hands it
-        # over whole: flags that are never kept in pipeline.config must reach the ranks too.
-        values = json.loads(os.environ[CONFIG_ENV])
-        try:
-            if args.command == "infer":
-                infer.run(InferConfig().updated(values, "the launching process"), session)
-            else:
-                train.run(session, Config().updated(values, "the launching process"), resume=args.resume or restart > 0)
-        except RuntimeError as exc:  # a collective that timed out or lost its peer
-            text = str(exc).lower()
-            if "timed out" in text or "timeout" in text:
-                raise DistributedError(
-                    f"rank {ctx.rank} on {host}: a collective operation timed out: another rank is dead or hung "
-                    "(see the other ranks' logs), or rank 0 paused longer than --dist_timeout; raise it if so"
-                ) from None
-            if "connection" in text or "peer" in text:
-                raise DistributedError(
-                    f"rank {ctx.rank} on {host}: lost the connection to another rank (it died, or its node went "
-                    "away); see the other ranks' logs"
-                ) from None
-            raise
-        finally:
-            context().close()
-        return 0
-
-    return cli.guarded(run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
