@@ -97,7 +97,7 @@ def forward_only(loaded_cpu, onnx_model, pil_images, size: int) -> tuple[float, 
     from drip.deploy import onnx_infer
     from drip.evaluation.metrics import evaluation_mode
     from drip.deploy.export import SCORE_FLOOR
-    from drip.stages.infer import forward_batch
+    from drip.detectors import forward_batch
 
     # The exported graph keeps every detection from SCORE_FLOOR: give PyTorch the same floor.
     with evaluation_mode(loaded_cpu.model, image_size=size, score_floor=SCORE_FLOOR):

@@ -345,7 +345,7 @@ def test_result_files_stay_inside_the_results_folder(tmp_path):
     """Result names come from image file names: none of them leads out of --results_path."""
     from PIL import Image
 
-    from drip.stages.infer import GROUP_INDEX, find_images
+    from drip.evaluation.results import GROUP_INDEX, find_images
 
     images = tmp_path / "images"
     for rel in ODD + [f"cam/{n}" for n in ODD]:

@@ -126,9 +126,10 @@ def evaluate(session_folder: Path, overrides: dict):
 def export(session_folder: Path, overrides: dict):
     """``drip export``: the model as ONNX or TorchScript (see ``drip.deploy.export``)."""
     from ..deploy.export import export as export_model
+    from ..evaluation.results import resolve_model_path
 
     config = ExportConfig().updated(overrides, CLI)
-    model_path = infer_stage.resolve_model_path(config.model, Path(session_folder))
+    model_path = resolve_model_path(config.model, Path(session_folder))
     path = _timed(
         "export", lambda: export_model(model_path, config.format, config.output, config.image_size)
     )

@@ -57,27 +57,15 @@ from PIL import Image
 from .. import detectors
 from ..config import InferConfig
 from ..console import info
-
-# The torch-free half of inference lives in drip.evaluation.results, shared with drip.deploy.onnx_infer; the names
-# are re-exported here, where callers have always found them.
-from ..data.detections import (  # noqa: F401
-    detection_records,
-    resize_for_model,
-    resized_size,
-    scale_boxes_np,
-    to_detections_np,
-)
+from ..data.detections import to_detections_np
 from ..data.tiling import Slicing, resolve_slicing
-from ..detectors import forward_batch, scale_boxes, to_detections  # noqa: F401  (found here by callers)
+from ..detectors import forward_batch, to_detections
 from ..errors import ConfigError, ModelError
-from ..evaluation.results import (  # noqa: F401
+from ..evaluation.results import (
     COCO_RESULTS,
-    GROUP_INDEX,
     METRICS,
-    TRASH,
     ImageJob,
     InferResult,
-    draw_detections,
     find_images,
     resolve_model_path,
     run_groups,
