@@ -111,8 +111,15 @@ class Context:
     def close(self) -> None:
         if not self.distributed:
             return
+        import gc
+
         import torch.distributed as dist
 
+        # The trainer and its hooks point at each other, so the DDP wrapper (whose reducer holds
+        # the process group) lives until the cyclic collector runs, which may be only during
+        # interpreter shutdown: a gloo group destroyed then can abort the process (SIGABRT, see
+        # pytorch/pytorch#179291). Collect now, while the interpreter is whole.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
