@@ -62,7 +62,7 @@ def to_detections_np(
 
     Keeps scores >= ``threshold`` percent, best first; boxes are clipped to the image and
     dropped if nothing of them is left inside it. PyTorch inference calls this too
-    (``drip.stages.infer.to_detections``), so both runtimes post-process alike.
+    (``drip.detectors.to_detections``), so both runtimes post-process alike.
     """
     boxes = scale_boxes_np(boxes, size, resized)
     scores = np.asarray(scores).reshape(-1)
