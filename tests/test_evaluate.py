@@ -157,6 +157,26 @@ def test_perfect_detections_score_one():
     assert all(metrics.per_class_ap[name] is None for name in set(CLASSES) - present)
 
 
+def test_an_image_with_more_than_100_objects_is_scored_whole():
+    # An orthomosaic tiled at inference holds hundreds of one class; pycocotools' default keeps
+    # 100 detections per image, which caps recall at 100/150 and AP near 0.66.
+    boxes = [[20.0 * col + 2, 20.0 * row + 2, 20.0 * col + 14, 20.0 * row + 14] for row in range(10) for col in range(15)]
+    truth = ImageTruth("mosaic", 300, 200, boxes, [1] * len(boxes))
+    scores = np.linspace(0.99, 0.5, len(boxes))
+    perfect = ImageDetections("mosaic", np.array(boxes), scores, np.ones(len(boxes), dtype=np.int64))
+    metrics = coco_metrics([truth], [perfect], CLASSES)
+    for name in ("AP", "AP50", "AP75", "APs", "ARs"):
+        assert getattr(metrics, name) == pytest.approx(1.0), name
+    assert metrics.max_detections == 150 and metrics.to_json()["max_detections"] == 150
+    assert metrics.per_class_ap["cat"] == pytest.approx(1.0)
+    assert metrics.pr_curves["cat"] == pytest.approx([1.0] * 101)
+    # AR100 keeps the meaning of its name: 100 of the 150 objects.
+    assert metrics.AR100 == pytest.approx(100 / 150)
+    # Up to 100 detections per image, the numbers are pycocotools' own (test above), at maxDets 100.
+    assert coco_metrics([truth], [ImageDetections("mosaic", np.array(boxes[:100]), scores[:100], np.ones(100))],
+                        CLASSES).max_detections == 100
+
+
 def test_no_detections_scores_zero_and_no_images_scores_nothing(tmp_path):
     truths, _ = random_set(seed=4, n_images=3)
     metrics = coco_metrics(truths, [], CLASSES)

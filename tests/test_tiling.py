@@ -412,3 +412,20 @@ def test_evaluation_scores_whole_images_after_merging_tiles():
     # Unsliced, the same detector sees the image shrunk to 100 px and the box comes back scaled.
     whole = predict(BrightSpotDetector(), [(7, picture)], image_size=100, batch_size=4)
     assert whole[0].boxes.shape == (1, 4)
+
+
+def test_a_tiled_canvas_of_more_than_100_objects_scores_every_one():
+    # 144 spots, one per 100 px tile: sliced prediction returns all 144, and the score must count
+    # all of them, not pycocotools' default 100 per image (AP would be about 100/144).
+    from drip.evaluation.metrics import ImageTruth, coco_metrics, predict
+    from test_infer import BrightSpotDetector
+
+    canvas = Image.new("RGB", (1200, 1200))
+    boxes = [[x + 40, y + 40, x + 60, y + 60] for y in range(0, 1200, 100) for x in range(0, 1200, 100)]
+    for box in boxes:
+        canvas.paste((255, 255, 255), box)
+    found = predict(BrightSpotDetector(), [(0, canvas)], image_size=100, batch_size=16, slicing=tiling.Slicing(100, 0.0))
+    assert len(found[0].boxes) == len(boxes) == 144
+    metrics = coco_metrics([ImageTruth(0, 1200, 1200, boxes, [1] * len(boxes))], found, ["spot"])
+    assert metrics.AP == pytest.approx(1.0) and metrics.AP50 == pytest.approx(1.0)
+    assert metrics.max_detections == 144

@@ -5,6 +5,9 @@
 IoU .50:.95, AP50, AP75, AP and AR by object size, AR at 1/10/100 detections, AP and AP50 per
 class and the precision-recall curve of each class at IoU 0.5. Small, medium and large are
 judged on the box area in pixels of the *original* image, as COCO does, not the resized one.
+One difference: pycocotools keeps at most 100 detections per image (``maxDets``), and an image
+predicted tile by tile holds up to 100 per tile, so AP counts as many per image as the image
+with the most has (``Metrics.max_detections``, in every metrics file and report).
 
 ``predict`` runs a model the way ``drip infer`` does (the same resizing, forward pass and
 scaling back: ``drip.detectors.forward_batch`` and ``scale_boxes``) so evaluation and inference cannot drift
@@ -46,10 +49,12 @@ from ..console import info, progress, warn
 from ..detectors import EVAL_SCORE_FLOOR, evaluation_mode, forward_batch, scale_boxes  # noqa: F401
 from ..errors import InputError, SessionError
 
+# pycocotools' default detections per image (``maxDets``) for AP; raised where an image has more.
+COCO_MAX_DETECTIONS = 100
 # pycocotools' ``COCOeval.stats``, in its order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 STAT_HELP = {
-    "AP": "AP at IoU .50:.95 (the COCO AP)",
+    "AP": "AP at IoU .50:.95 (the COCO AP); every AP and ARs/ARm/ARl count max_detections per image",
     "AP50": "AP at IoU .50 (the Pascal VOC AP)",
     "AP75": "AP at IoU .75",
     "APs": "AP of small objects (< 32x32 px)",
@@ -104,14 +109,16 @@ class Metrics:
     ARl: float | None
     per_class_ap: dict[str, float | None]  # AP at IoU .50:.95 by class name
     per_class_ap50: dict[str, float | None]
-    # Precision at each of ``recall_thresholds`` (COCO's 101 points), IoU 0.5, all sizes, 100
-    # detections per image: the per-class PR curve. None for a class with no ground truth.
+    # Precision at each of ``recall_thresholds`` (COCO's 101 points), IoU 0.5, all sizes,
+    # ``max_detections`` per image: the per-class PR curve. None for a class with no ground truth.
     pr_curves: dict[str, list[float] | None]
     recall_thresholds: list[float]
     per_class_objects: dict[str, int]  # ground-truth boxes by class
     images: int
     objects: int
     detections: int
+    # Detections per image scored (pycocotools' maxDets for AP): 100, or the most any image had.
+    max_detections: int = 100
 
     @classmethod
     def empty(cls, classes: Sequence[str], images: int = 0, detections: int = 0) -> "Metrics":
@@ -137,6 +144,7 @@ class Metrics:
             "images": self.images,
             "objects": self.objects,
             "detections": self.detections,
+            "max_detections": self.max_detections,
         }
         if curves:
             out["pr_curves"] = {
@@ -188,10 +196,13 @@ def coco_metrics(
             per_class_objects[classes[label - 1]] += 1
 
     results: list[dict[str, Any]] = []
+    detections_per_image: dict[int, int] = {}
     for det in detections:
         if det.image_id not in ids:
             raise ValueError(f"coco_metrics: detections for image {det.image_id!r}, which has no ground-truth entry")
-        results += coco_result_rows(ids[det.image_id], det, lambda label: label if 1 <= label <= len(classes) else None)
+        rows = coco_result_rows(ids[det.image_id], det, lambda label: label if 1 <= label <= len(classes) else None)
+        detections_per_image[ids[det.image_id]] = detections_per_image.get(ids[det.image_id], 0) + len(rows)
+        results += rows
     if not images:
         return Metrics.empty(classes)  # COCOeval cannot average over no images
 
@@ -205,25 +216,25 @@ def coco_metrics(
         gt.createIndex()
         dt = gt.loadRes(results) if results else _no_results(gt)  # loadRes needs at least one
         evaluator = COCOeval(gt, dt, "bbox")
+        cap = max_detections_for(detections_per_image.values())
+        evaluator.params.maxDets = sorted({1, 10, 100, cap})
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
 
-    stats = [_value(s) for s in evaluator.stats]
     precision = evaluator.eval["precision"]  # [IoU, recall, class, area, maxDets]
     params = evaluator.params
     iou50 = int(np.argmin(np.abs(params.iouThrs - 0.5)))
     all_areas = params.areaRngLbl.index("all")
-    top100 = params.maxDets.index(100)
+    top = params.maxDets.index(cap)
     per_ap, per_ap50, curves = {}, {}, {}
     for k, cat_id in enumerate(params.catIds):  # ids 1..K in order, so k is the class index
         name = classes[cat_id - 1]
-        per_ap[name] = _mean_valid(precision[:, :, k, all_areas, top100])
-        per_ap50[name] = _mean_valid(precision[iou50, :, k, all_areas, top100])
-        curve = precision[iou50, :, k, all_areas, top100]
+        per_ap[name] = _mean_valid(precision[:, :, k, all_areas, top])
+        per_ap50[name] = _mean_valid(precision[iou50, :, k, all_areas, top])
+        curve = precision[iou50, :, k, all_areas, top]
         curves[name] = None if (curve < 0).all() else [float(v) for v in curve]
     return Metrics(
-        *stats,
+        *_summary(evaluator, cap),
         per_class_ap=per_ap,
         per_class_ap50=per_ap50,
         pr_curves=curves,
@@ -232,7 +243,39 @@ def coco_metrics(
         images=len(images),
         objects=len(annotations),
         detections=len(results),
+        max_detections=cap,
     )
+
+
+def max_detections_for(counts: Iterable[int]) -> int:
+    """The detections per image to score: COCO's 100, or the most any image has if more.
+
+    pycocotools keeps only the ``maxDets`` best-scoring detections of an image and class; at
+    its 100, an image tiled into 300 found trees could never recall more than a third of them.
+    """
+    return max([COCO_MAX_DETECTIONS, *counts])
+
+
+def _summary(evaluator, cap: int) -> list[float | None]:
+    """``COCOeval.summarize``'s 12 numbers, with ``cap`` detections per image where it uses 100.
+
+    ``summarize`` reads AP at a fixed 100 detections; here AP, AP by size and AR by size read
+    ``cap`` (at least 100), while AR1, AR10 and AR100 keep the limits their names give.
+    """
+    params = evaluator.params
+    precision, recall = evaluator.eval["precision"], evaluator.eval["recall"]  # [T, R, K, A, M], [T, K, A, M]
+
+    def ap(iou: float | None = None, area: str = "all") -> float | None:
+        values = precision[..., params.areaRngLbl.index(area), params.maxDets.index(cap)]
+        return _mean_valid(values if iou is None else values[np.isclose(params.iouThrs, iou)])
+
+    def ar(max_dets: int, area: str = "all") -> float | None:
+        return _mean_valid(recall[..., params.areaRngLbl.index(area), params.maxDets.index(max_dets)])
+
+    return [
+        ap(), ap(0.5), ap(0.75), ap(area="small"), ap(area="medium"), ap(area="large"),
+        ar(1), ar(10), ar(100), ar(cap, "small"), ar(cap, "medium"), ar(cap, "large"),
+    ]
 
 
 @dataclass
@@ -330,10 +373,6 @@ def _no_results(gt):
     return res
 
 
-def _value(stat: float) -> float | None:
-    return None if stat < 0 else float(stat)
-
-
 def _mean_valid(values: np.ndarray) -> float | None:
     valid = values[values > -1]
     return float(np.mean(valid)) if valid.size else None
@@ -373,7 +412,7 @@ def predict(
 
     Inputs are prepared exactly as ``drip infer`` prepares them (longer side ``image_size``);
     detections are in original pixels, every score above ``EVAL_SCORE_FLOOR``, at most the
-    model's ``detections_per_img`` (100) per image. ``images`` is consumed lazily, a batch at
+    model's ``detections_per_img`` (100) per image or per tile. ``images`` is consumed lazily, a batch at
     a time, so a generator keeps only one batch of decoded images in memory. With ``slicing``
     (a ``drip.data.tiling.Slicing``) each image is predicted tile by tile, ``batch_size`` tiles at
     a time, and the boxes are merged across tiles, as ``drip infer`` does.

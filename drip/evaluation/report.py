@@ -612,7 +612,9 @@ def _page(session: Session, report: Report, ev: _Evaluation | None, facts: dict[
         parts.append(
             f"<p>The exported model (<code>model.pt</code>, step {e(str(ev.model_meta.get('step', '-')))}) "
             f"on the eval split: {ev.metrics.images} images, {ev.metrics.objects} objects; COCO metrics "
-            "as pycocotools computes them.</p>"
+            f"as pycocotools computes them, counting up to {ev.metrics.max_detections} detections per image "
+            "(COCO's 100, or the most any image had, so an image tiled into hundreds of objects is scored "
+            "whole; AR1, AR10 and AR100 keep their limits).</p>"
         )
         stats = ev.metrics.stats()
         parts.append("<table><tr>" + "".join(f"<th>{e(k)}</th>" for k in stats) + "</tr><tr>"
