@@ -32,6 +32,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = os.environ.get("DRIP_TEST_BASE_IMAGE", "drip-test-base:bookworm")
@@ -51,12 +52,6 @@ RUNTIME_BRIDGE = RUNTIME[:4] + RUNTIME[6:]
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
-def _unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the Docker tests, but {reason}")
-    pytest.skip(reason)
-
-
 def _answers() -> bool:
     from drip import launcher
 
@@ -69,11 +64,11 @@ def drip_image():
     try:
         import docker
     except ImportError:
-        _unavailable("the Docker SDK for Python is not installed (pip install docker)")
+        unavailable("the Docker SDK for Python is not installed (pip install docker)")
     started_engine = False
     if not _answers():
         if os.geteuid() != 0:
-            _unavailable("no Docker engine answers, and starting one needs root")
+            unavailable("no Docker engine answers, and starting one needs root")
         r = subprocess.run([str(ROOT / "scripts" / "docker_engine.sh"), "start"], text=True, check=False)
         if r.returncode != 0:
             pytest.fail("scripts/docker_engine.sh start failed (see its output above)")
@@ -86,7 +81,7 @@ def drip_image():
             client.images.get(BASE_IMAGE)
         except docker.errors.ImageNotFound:
             if os.geteuid() != 0:
-                _unavailable(f"the base image {BASE_IMAGE} is missing; sudo scripts/docker_base_image.sh makes it")
+                unavailable(f"the base image {BASE_IMAGE} is missing; sudo scripts/docker_base_image.sh makes it")
             r = subprocess.run([str(ROOT / "scripts" / "docker_base_image.sh"), BASE_IMAGE], text=True, check=False)
             if r.returncode != 0:
                 pytest.fail("scripts/docker_base_image.sh failed (see its output above)")
@@ -368,7 +363,7 @@ def test_training_in_the_container_on_the_gpu(drip_image, workdir, user):
         reason = f"this machine has a GPU but the Docker engine cannot pass it on: {dr.NVIDIA_FIX}"
         if os.environ.get("DRIP_REQUIRE_GPU") == "1":
             pytest.fail(reason)
-        _unavailable(reason)
+        unavailable(reason)
     session = workdir / "gpu session"
     rc, out = finish(starter("training_starter.py", [
         *RUNTIME[:6], "--device", "cuda", "--gpus", "all", *TINY, "--number_of_steps", "2",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import unavailable
 from PIL import Image
 
 from drip.evaluation import report
@@ -33,7 +34,7 @@ def images_in_browser(index: Path, tmp_path: Path) -> list[list]:
     Chromium loads it from the file system (no network: every host resolves to nothing)."""
     browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
     if browser is None:
-        pytest.skip("no Chromium to render the report page: apt-get install -y chromium (CI's .ci/run does)")
+        unavailable("no Chromium to render the report page: apt-get install -y chromium (CI's .ci/run does)")
     probe = index.with_name("_probe.html")
     probe.write_text(index.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
     try:
@@ -49,9 +50,19 @@ def images_in_browser(index: Path, tmp_path: Path) -> list[list]:
     return json.loads(html.unescape(found.group(1)))
 
 
-def assert_page_loads(index: Path, tmp_path: Path, expected: set[str]) -> None:
+def assert_page_files(index: Path, expected: set[str]) -> None:
+    """Without a browser: the page fetches nothing, and its pictures are ``expected``, beside it, PNGs."""
     page = index.read_text(encoding="utf-8")
     assert not re.search(r'(src|href)="(https?:)?//', page), "the page must not fetch anything"
+    assert set(re.findall(r'<img src="([^"]+)"', page)) == expected
+    for name in expected:
+        with Image.open(index.parent / name) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 150, name
+
+
+def assert_page_loads(index: Path, tmp_path: Path, expected: set[str]) -> None:
+    """In headless Chromium: every picture of the page loads (skips without one; fails under CI)."""
+    assert_page_files(index, expected)
     loaded = images_in_browser(index, tmp_path)
     assert {src for src, *_ in loaded} == expected
     broken = [src for src, complete, width, height in loaded if not (complete and width > 0 and height > 0)]
@@ -97,8 +108,8 @@ def test_scalars_of_a_resumed_run_are_read_as_tensorboard_shows_them(tmp_path):
 
 
 # -- the pictures and the page -------------------------------------------------------------------------
-def test_a_session_without_a_model_gets_the_pictures_it_can_and_says_why_not_the_rest(
-        tmp_path, session, config, dataset):
+def report_without_a_model(session, config) -> report.Report:
+    """The report of a session that was split and configured, with a log and two evaluations but no model."""
     split.run(session, config)
     configure.write(session, config)
     # A TensorBoard log and two evaluations, as training writes them.
@@ -113,47 +124,81 @@ def test_a_session_without_a_model_gets_the_pictures_it_can_and_says_why_not_the
         json.dumps({"step": s, "AP": ap, "AP50": ap + 0.2}) + "\n" for s, ap in ((2, 0.1), (4, 0.3))
     ))
     assert report.read_scalars(session.logs_dir)["loss/total"] == [(s, pytest.approx(2.0 / s)) for s in range(1, 6)]
+    return report.write_report(session, device="cpu", show_progress=False)
 
-    written = report.write_report(session, device="cpu", show_progress=False)
+
+def test_a_session_without_a_model_gets_the_pictures_it_can_and_says_why_not_the_rest(session, config, dataset):
+    written = report_without_a_model(session, config)
     assert [p.file for p in written.pictures] == ["training_curves.png", "dataset_classes.png", "dataset_boxes.png"]
-    for picture in written.pictures:
-        with Image.open(written.folder / picture.file) as image:
-            assert image.format == "PNG" and image.width > 300 and image.height > 150
+    assert_page_files(written.index, {p.file for p in written.pictures})
     assert set(written.missing) == {"Precision-recall curves", "Confusion matrix", "Predictions on eval images"}
     page = written.index.read_text()
     assert "Not drawn: no model.pt in" in page and "fasterrcnn_mobilenet_v3_large_320_fpn" in page
+
+
+def test_the_page_of_a_session_without_a_model_loads_in_a_browser(tmp_path, session, config, dataset):
+    written = report_without_a_model(session, config)
     assert_page_loads(written.index, tmp_path, {p.file for p in written.pictures})
 
 
-@pytest.mark.slow
-def test_training_writes_the_report_and_drip_report_draws_it_again(tmp_path, dataset, capsys):
-    from drip.cli import main
+PICTURES = {"training_curves.png", "dataset_classes.png", "dataset_boxes.png", "pr_curves.png",
+            "confusion_matrix.png", "eval_predictions.png"}
 
-    folder = tmp_path / "my pipeline"
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A session trained for two steps (its report written by training), and a copy of that report.
+
+    Trained once for the tests below: the page's numbers, ``drip report``'s redraw and the
+    browser each get their own test, so a machine without Chromium still runs the first two.
+    """
+    from drip.cli import main
+    from drip.data.synthetic import make_dataset, write_drip_json
+
+    tmp = tmp_path_factory.mktemp("report")
+    write_drip_json(tmp / "metadata.json", make_dataset(tmp / "my images", 12, seed=1))  # as conftest's dataset
+    folder = tmp / "my pipeline"
     argv = [
-        "--session_folder", str(folder), "--src_json_path", str(dataset["metadata"]),
-        "--image_folder_path", str(dataset["images"]), "--network", "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "--session_folder", str(folder), "--src_json_path", str(tmp / "metadata.json"),
+        "--image_folder_path", str(tmp / "my images"), "--network", "fasterrcnn_mobilenet_v3_large_320_fpn",
         "--weights", "none", "--image_size", "64", "--batch_size", "1", "--number_of_steps", "2",
         "--augmentations", "0", "--num_workers", "0", "--log_every", "1", "--warmup_steps", "1",
         "--device", "cpu", "--box_batch_size_per_image", "16", "--eval_percentage", "25",
     ]
     assert main(["train", *argv]) == 0
-    session = Session(folder)
-    index = session.dl / "report" / "index.html"
-    pictures = {"training_curves.png", "dataset_classes.png", "dataset_boxes.png", "pr_curves.png",
-                "confusion_matrix.png", "eval_predictions.png"}
-    assert {p.name for p in index.parent.iterdir()} == pictures | {"index.html"}
-    assert_page_loads(index, tmp_path, pictures)
+    as_trained = tmp / "report as training wrote it"
+    shutil.copytree(folder / "dl" / "report", as_trained)
+    return folder, as_trained / "index.html"
+
+
+@pytest.mark.slow
+def test_training_writes_the_report_with_the_models_numbers(trained):
+    folder, index = trained
+    assert {p.name for p in index.parent.iterdir()} == PICTURES | {"index.html"}
+    assert_page_files(index, PICTURES)
     page = index.read_text()
-    metrics = session.read_state()["stages"]["train"]["best_metrics"]
+    metrics = Session(folder).read_state()["stages"]["train"]["best_metrics"]
     # The page's AP is the exported model's on the eval split: the number training recorded.
     assert f"<b>{metrics['AP']:.3f}</b>AP<" in page
     assert "objects found at 60%" in page
+    assert "counting up to 100 detections per image" in page  # none of the 3 eval images has more
 
+
+@pytest.mark.slow
+def test_drip_report_draws_it_again_and_moves_the_earlier_one_to_the_trash(trained, capsys):
+    from drip.cli import main
+
+    folder, _ = trained
+    index = folder / "dl" / "report" / "index.html"
     capsys.readouterr()
     assert main(["report", "--session_folder", str(folder), "--threshold", "0", "--device", "cpu"]) == 0
     assert "report: 6 pictures and index.html" in capsys.readouterr().err
     assert "objects found at 0%" in index.read_text()
+    assert_page_files(index, PICTURES)
     earlier = list((folder / "trash").glob("*-report/report/index.html"))
     assert len(earlier) == 1 and "objects found at 60%" in earlier[0].read_text()
-    assert_page_loads(index, tmp_path, pictures)
+
+
+@pytest.mark.slow
+def test_the_trained_report_loads_in_a_browser(trained, tmp_path):
+    assert_page_loads(trained[1], tmp_path, PICTURES)
