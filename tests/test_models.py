@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -198,16 +199,21 @@ def test_model_file_as_network_resizes_the_head(tmp_path, capsys):
     assert models.network_name(str(path)) == network
 
 
-def test_coco_download_failure_says_what_to_do():
+def test_coco_download_failure_says_what_to_do(monkeypatch):
+    # The weights' address is a local port that refuses connections (bound, never listening), so
+    # the download fails the same way on every machine, online or not.
     network = "fasterrcnn_mobilenet_v3_large_320_fpn"
-    with tempfile.TemporaryDirectory() as cache:
-        try:
+    for name in ("no_proxy", "NO_PROXY"):  # a proxy would answer in the port's place
+        monkeypatch.setenv(name, "127.0.0.1")
+    with socket.socket() as closed, tempfile.TemporaryDirectory() as cache:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/fasterrcnn-coco.pth"
+        monkeypatch.setattr(tv.NETWORKS[network].coco.value, "url", url)
+        with pytest.raises(ModelError) as failed:
             models.build_model(network, 4, "coco", 128, Path(cache))
-        except ModelError as exc:
-            message = str(exc)
-        else:
-            pytest.skip("COCO weights downloaded: this machine is online")
-    assert f"could not download COCO weights for {network}" in message
+    message = str(failed.value)
+    assert f"could not download COCO weights for {network} into {Path(cache) / 'hub'}" in message
+    assert "Connection refused" in message  # the failure is the closed port's, not another
     assert "--weights none" in message and "--weights PATH" in message
     assert torch.hub.get_dir() != str(Path(cache) / "hub")  # the hub dir is restored
 
