@@ -3,7 +3,8 @@
 Layout under ``--session_folder`` (default ``pipeline/``)::
 
     dl/                       the current session
-      session.json            what ran, when, with which Drip (updated by each stage)
+      session.json            what ran, when, with which Drip (updated by each stage), and
+                              the Docker image training ran in (``docker_image``), if any
       pipeline.config         the training config (commented YAML, user-editable)
       label_map.pbtxt         class ids and names
       split/                  train.json, eval.json (Drip JSON manifests), report.json,
@@ -166,6 +167,12 @@ class Session:
                 f"{self.state_path}: not valid JSON (line {exc.lineno}); restore it from "
                 "trash or start a new session"
             ) from None
+
+    def record(self, key: str, value: Any) -> None:
+        """Keep ``value`` under ``key`` at the top of session.json, beside the stages."""
+        state = self.read_state()
+        state[key] = value
+        write_json(self.state_path, state)
 
     def record_stage(self, stage: str, **facts: Any) -> None:
         """Note in session.json that ``stage`` finished, with what it reports about itself."""

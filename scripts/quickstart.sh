@@ -4,13 +4,18 @@
 # files/test_images/annotations.json (AP50, and the images where every object was found).
 #
 # It trains for 300 steps at 224 px from COCO weights, or from scratch when they cannot be
-# downloaded (--weights_fallback none), and takes under 5 minutes on a 2-core laptop CPU.
+# downloaded (--weights_fallback none). From scratch it took 159-242 s on 2-core machines without
+# a GPU (BENCHMARKS.md#quick-start); from COCO weights it has not been measured.
 #
 # Where it runs is decided once, here: in Drip's container when a Docker engine answers (the
 # host then gets only the Docker SDK in .venv, no PyTorch), else locally (.venv gets Drip and
 # PyTorch). Both starters get that --runtime, so training and inference never end up on different
 # runtimes. Set DRIP_RUNTIME=local or docker to choose.
-# Extra arguments go to training_starter.py, e.g.  scripts/quickstart.sh --number_of_steps 100
+# Extra arguments go to training_starter.py, e.g.  scripts/quickstart.sh --number_of_steps 100;
+# the runtime flags among them (--base_image, --docker_network, --gpus, --device) go to both
+# starters, e.g. without a registry:
+#   scripts/quickstart.sh --base_image drip-test-base:bookworm --docker_network host
+# (inference runs in the image training was built, which the session records).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -33,6 +38,18 @@ case "$runtime" in
 esac
 echo "[drip] quick start: every stage runs with --runtime $runtime" >&2
 PY=.venv/bin/python
+
+# The flags both starters take about where and how to run: inference needs the same ones.
+both=()
+extra=("$@")
+for ((i = 0; i < ${#extra[@]}; i++)); do
+    case "${extra[i]}" in
+        --base_image|--docker_network|--gpus|--device)
+            both+=("${extra[i]}")
+            if ((i + 1 < ${#extra[@]})); then both+=("${extra[i + 1]}"); i=$((i + 1)); fi ;;
+        --base_image=*|--docker_network=*|--gpus=*|--device=*) both+=("${extra[i]}") ;;
+    esac
+done
 
 # Drip uses the CPU only when asked: ask, when this machine has no NVIDIA GPU.
 device=()
@@ -61,7 +78,8 @@ $PY inference_starter.py --runtime "$runtime" \
     --images_path files/test_images/ \
     --src_json_path files/test_images/annotations.json \
     --threshold 50 \
-    "${device[@]}"
+    "${device[@]}" \
+    "${both[@]}"
 
 echo "[drip] done: drawn results in files/results/, their scores in files/results/metrics.json, the session in pipeline/dl/"
 if [ "$runtime" = local ]; then

@@ -386,6 +386,65 @@ def test_image_tag_changes_with_what_goes_into_the_image_only(tmp_path):
     assert tag() != first
 
 
+class Engine:
+    """The images part of a Docker SDK client: which tags the engine has."""
+
+    def __init__(self, *tags):
+        import docker
+
+        self.tags, self.errors = set(tags), docker.errors
+        self.images = self
+
+    def get(self, tag):
+        if tag not in self.tags:
+            raise self.errors.ImageNotFound(tag)
+        return tag
+
+
+def test_inference_runs_in_the_image_the_session_was_trained_in(project, tmp_path, monkeypatch, capsys):
+    # scripts/quickstart.sh --base_image drip-test-base:bookworm --docker_network host trained in an
+    # image on that base; inference, given no --base_image, must not compute the default base's tag
+    # (and try to pull python:3.11-slim-bookworm where no registry answers).
+    pytest.importorskip("docker")
+    from drip.runtime import local
+    from drip.session import Session
+
+    clone = fake_project(tmp_path / "clone")
+    monkeypatch.setattr(dr, "project_root", lambda: clone)
+    monkeypatch.chdir(project)
+    base = "drip-test-base:bookworm"
+    trained = dr.ImagePlan.of_project(base)
+
+    def plan(command, argv, engine):
+        args = launcher.build_parser(command, "starter").parse_args(argv)
+        return dr.plan_image(command, args, engine)
+
+    # The training container's environment names its image; training records it in the session.
+    train_spec = dr.build_run_spec("train", launcher.build_parser("train", "s").parse_args([]), trained.tag,
+                                   host(project), base)
+    assert train_spec.environment[dr.IMAGE_ENV] == trained.tag and train_spec.environment[dr.BASE_IMAGE_ENV] == base
+    local.record_image(Session(project / "pipeline"), train_spec.environment)
+    assert Session(project / "pipeline").read_state()["docker_image"] == {"tag": trained.tag, "base_image": base}
+
+    assert plan("infer", [], Engine(trained.tag)) == trained
+    assert plan("train", [], Engine(trained.tag)).base_image == dr.DEFAULT_BASE_IMAGE  # training: as told
+    # The code changed since: still the image the model was made in, and a line says so.
+    (clone / "drip" / "__init__.py").write_text("x = 2\n")
+    assert plan("infer", [], Engine(trained.tag)).tag == trained.tag
+    assert f"runs in {trained.tag}, the image pipeline/ was trained in" in capsys.readouterr().err
+    # That image deleted: this clone's, on the base training used (no registry needed either).
+    rebuilt = plan("infer", [], Engine())
+    assert rebuilt == dr.ImagePlan.of_project(base) and rebuilt.tag != trained.tag
+    assert "which the engine no longer has" in capsys.readouterr().err
+    # Told otherwise: --base_image, or a model from elsewhere.
+    assert plan("infer", ["--base_image", "other:1"], Engine(trained.tag)) == dr.ImagePlan.of_project("other:1")
+    assert plan("infer", ["--model", "m.pt"], Engine(trained.tag)).base_image == dr.DEFAULT_BASE_IMAGE
+    # Another session, or one trained locally, records no image: the default plan.
+    assert plan("infer", ["--session_folder", "elsewhere"], Engine(trained.tag)).base_image == dr.DEFAULT_BASE_IMAGE
+    local.record_image(Session(project / "local"), {})
+    assert not (project / "local").exists()
+
+
 def test_dockerfile_default_base_image_is_the_one_the_tag_assumes():
     text = (ROOT / "Dockerfile").read_text()
     assert f"ARG BASE_IMAGE={dr.DEFAULT_BASE_IMAGE}\n" in text

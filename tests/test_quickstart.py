@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 # The whole quick start (300 steps, about 4 minutes on 2 cores), not a shortened one: the objects
 # are found in the last hundred steps (after 200, every object was found on 2 of the 8 images).
@@ -49,6 +48,7 @@ def quickstart(tmp_path_factory):
     return out, json.loads((results / "metrics.json").read_text()), results
 
 
+@pytest.mark.slow
 def test_quickstart_scores_itself_against_the_test_labels(quickstart):
     out, scores, results = quickstart
     assert "every stage runs with --runtime local" in out.stderr
@@ -63,9 +63,35 @@ def test_quickstart_scores_itself_against_the_test_labels(quickstart):
         assert len(list((results / group).glob("img_*.json"))) == 4
 
 
+@pytest.mark.slow
 def test_quickstart_finds_the_sample_objects(quickstart):
     """The goal of a first run: every object found on 6 of the 8 test images, at most 2 false boxes."""
     _, scores, _ = quickstart
     found = scores["at_threshold"]
     assert found["complete_images"] >= 6, found
     assert found["false_boxes"] <= 2, found
+
+
+def test_runtime_flags_reach_both_starters(tmp_path):
+    """The Docker quick start without a registry: --base_image and --docker_network must reach
+    inference too (it built another image on the default base and tried to pull it); the training
+    flags reach training only. The starters are replaced by a Python that logs its arguments."""
+    root = tmp_path / "project"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "quickstart.sh", root / "scripts" / "quickstart.sh")
+    log = tmp_path / "calls"
+    python = root / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/usr/bin/env bash\n{{ printf "%s\\t" "$@"; echo; }} >> "{log}"\n')
+    python.chmod(0o755)
+    extra = ["--base_image", "drip-test-base:bookworm", "--number_of_steps", "7", "--docker_network=host",
+             "--gpus", "none", "--device", "cpu"]
+    out = subprocess.run(["bash", str(root / "scripts" / "quickstart.sh"), *extra], cwd=tmp_path,
+                         env={**os.environ, "DRIP_RUNTIME": "docker"}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    calls = {line.split("\t")[0]: line.rstrip("\t\n").split("\t")[1:] for line in log.read_text().splitlines()}
+    train, infer = calls["training_starter.py"], calls["inference_starter.py"]
+    assert train[-len(extra):] == extra and train[:2] == ["--runtime", "docker"]
+    assert infer[:2] == ["--runtime", "docker"] and "--number_of_steps" not in infer
+    runtime = ["--base_image", "drip-test-base:bookworm", "--docker_network=host", "--gpus", "none", "--device", "cpu"]
+    assert infer[-len(runtime):] == runtime

@@ -50,6 +50,8 @@ DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"  # the Dockerfile's ARG default
 IMAGE_REPO = "drip"
 HOST_PREFIX = "/drip/host"
 DEFAULT_SESSION_FOLDER = "pipeline/"
+# The container's environment names its image, and session.json keeps it under this key.
+IMAGE_ENV, BASE_IMAGE_ENV, SESSION_IMAGE_KEY = "DRIP_IMAGE", "DRIP_BASE_IMAGE", "docker_image"
 DEFAULT_TENSORBOARD_PORT = 6006
 # In bridge mode TensorBoard listens on the container's 127.0.0.1, and drip.runtime.relay relays a Unix
 # socket in this folder (a private host folder mounted here) to it; see drip/runtime/relay.py.
@@ -318,11 +320,16 @@ def _effective(args: argparse.Namespace, schema, name: str):
     return {f.name: f.default for f in dataclasses.fields(schema)}[name]
 
 
-def build_run_spec(command: str, args: argparse.Namespace, image: str, host: Host) -> RunSpec:
+def build_run_spec(
+    command: str, args: argparse.Namespace, image: str, host: Host, base_image: str | None = None
+) -> RunSpec:
     """What to run in the container for ``drip <command>`` with the parsed ``args``.
 
     ``args`` is the starter's namespace: the schema fields the user typed (defaults are
     suppressed), ``session_folder``, ``resume_training`` (train) and the runtime flags.
+    ``image`` (and the ``base_image`` it was built on) reach the container as ``DRIP_IMAGE`` and
+    ``DRIP_BASE_IMAGE``: training records them in the session (``drip.runtime.local``), so
+    inference can run in the same image (``plan_image``).
     """
     if command not in ("train", "infer"):
         raise ValueError(f"the Docker runtime runs 'train' or 'infer', not {command!r}")
@@ -423,6 +430,8 @@ def build_run_spec(command: str, args: argparse.Namespace, image: str, host: Hos
         "USER": ident.name,
         "LOGNAME": ident.name,
         "PYTHONUNBUFFERED": "1",  # logs reach the terminal as they happen
+        IMAGE_ENV: image,
+        **({BASE_IMAGE_ENV: base_image} if base_image else {}),
         **env_extra,
     }
     if host.tty:
@@ -676,11 +685,58 @@ def run(command: str, args: argparse.Namespace) -> int:
     """``drip <command>`` in Drip's container; returns the container's exit code."""
     client = connect()
     info = client.info()
-    plan = ImagePlan.of_project(getattr(args, "base_image", None))
+    plan = plan_image(command, args, client)
     host = Host.current(memory_bytes=info.get("MemTotal") or None, nvidia_runtime=nvidia_runtime(info))
-    spec = build_run_spec(command, args, plan.tag, host)  # a user mistake fails before a build
+    spec = build_run_spec(command, args, plan.tag, host, plan.base_image)  # a user mistake fails before a build
     ensure_image(client, plan, getattr(args, "docker_network", None))
     return run_spec(client, spec, host.identity)
+
+
+def trained_image(session_folder: str) -> dict[str, str] | None:
+    """``{"tag", "base_image"}`` of the image the session at ``session_folder`` was trained in, as
+    its ``dl/session.json`` records it; None where it records none (trained locally, or before
+    Drip recorded it) or cannot be read."""
+    from ..session import Session
+
+    try:
+        recorded = Session(Path(session_folder)).read_state().get(SESSION_IMAGE_KEY)
+    except (DripError, OSError):
+        return None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("tag"), str):
+        return None
+    return {"tag": recorded["tag"], "base_image": str(recorded.get("base_image") or DEFAULT_BASE_IMAGE)}
+
+
+def plan_image(command: str, args: argparse.Namespace, client, out=None) -> ImagePlan:
+    """The image ``drip <command>`` runs in.
+
+    Training builds (or finds) the image of this clone on ``--base_image``. Inference of the
+    session's own model, without ``--base_image``, runs in the image the session was trained in:
+    the code that made the model, on the base it was built on (a base that needs no registry
+    stays one). If the engine no longer has that image, this clone's is built on the same base.
+    """
+    out = out or sys.stderr
+    base = getattr(args, "base_image", None)
+    if command == "train" or base is not None or getattr(args, "model", None) is not None:
+        return ImagePlan.of_project(base)
+    session = str(getattr(args, "session_folder", DEFAULT_SESSION_FOLDER))
+    recorded = trained_image(session)
+    if recorded is None:
+        return ImagePlan.of_project(None)
+    plan = ImagePlan.of_project(recorded["base_image"])
+    if plan.tag == recorded["tag"]:
+        return plan
+    import docker
+
+    try:
+        client.images.get(recorded["tag"])
+    except docker.errors.ImageNotFound:
+        print(f"[drip] {session} was trained in {recorded['tag']}, which the engine no longer has; "
+              f"using this clone's image on the same base, {recorded['base_image']}", file=out, flush=True)
+        return plan
+    print(f"[drip] {command} runs in {recorded['tag']}, the image {session} was trained in (Drip's code "
+          "has changed since; pass --base_image to run this clone's)", file=out, flush=True)
+    return dataclasses.replace(plan, tag=recorded["tag"])
 
 
 def prepare_host(spec: RunSpec, identity: Identity) -> None:

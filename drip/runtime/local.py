@@ -8,7 +8,9 @@ its resolved config; the stages themselves know nothing of each other.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from .. import console
@@ -39,6 +41,7 @@ def train(session_folder: Path, overrides: dict, resume: bool = False, launch: L
     if resume:
         config = _session_config(session, overrides, require=True)
         nproc = _processes(launch, config)
+        record_image(session)
         config = _timed("configure", lambda: configure.run(session, config, check_model=False))
         return _timed("train", lambda: _train(session, config, True, launch, nproc))
 
@@ -49,10 +52,21 @@ def train(session_folder: Path, overrides: dict, resume: bool = False, launch: L
     if moved:
         console.info(f"moved the previous session to {moved}")
     console.info(f"new session in {session.dl}")
+    record_image(session)
     for name in ("split", "augment", "records"):
         _timed(name, lambda: STAGE_MODULES[name].run(session, config))
     config = _timed("configure", lambda: configure.run(session, config))
     return _timed("train", lambda: _train(session, config, False, launch, nproc))
+
+
+def record_image(session: Session, environ: Mapping[str, str] = os.environ) -> None:
+    """In Drip's container, note in session.json the image training runs in (``DRIP_IMAGE``, set
+    by ``drip.runtime.docker``, and the base it was built on), so inference can run in it too."""
+    from .docker import BASE_IMAGE_ENV, IMAGE_ENV, SESSION_IMAGE_KEY
+
+    tag = environ.get(IMAGE_ENV)
+    if tag:
+        session.record(SESSION_IMAGE_KEY, {"tag": tag, "base_image": environ.get(BASE_IMAGE_ENV)})
 
 
 def run_stage(name: str, session_folder: Path, overrides: dict, resume: bool = False, launch: Launch | None = None):
