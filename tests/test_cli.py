@@ -146,3 +146,22 @@ def test_readme_documents_every_flag():
     parsers = [launcher.build_parser("train", "t"), launcher.build_parser("infer", "i")]
     missing = sorted(f for p in parsers for f in _flags(p) if f.startswith("--") and f"`{f}`" not in readme and f != "--help")
     assert not missing, f"README.md does not document {missing}"
+
+
+def test_the_pytorchjob_example_is_a_drip_train_command_line():
+    # deploy/pytorchjob.yaml has never run on a cluster; this at least keeps its command one that
+    # drip train accepts, with one restart (a restarted group meets at its first try).
+    import shlex
+
+    import yaml
+
+    job = yaml.safe_load((ROOT / "deploy" / "pytorchjob.yaml").read_text())
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    env = {"RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}
+    line = container["args"][0]
+    for name, value in env.items():
+        line = line.replace(f"${name}", value)
+    argv = shlex.split(line)
+    assert argv[:3] == ["exec", "drip", "train"]
+    args = cli.build_parser().parse_args(argv[2:])
+    assert (args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts) == (2, 1, "10.0.0.1:29400", 1)
