@@ -15,7 +15,7 @@ from conftest import unavailable
 from PIL import Image
 
 from drip.evaluation import report
-from drip.evaluation.metrics import ImageDetections, ImageTruth
+from drip.evaluation.metrics import STAT_NAMES, ImageDetections, ImageTruth
 from drip.session import Session
 from drip.stages import configure, split
 
@@ -88,6 +88,30 @@ def test_confusion_matrix_counts_matches_confusions_misses_and_false_boxes():
     # rows: true circle, true square, background; columns: predicted circle, square, background
     assert matrix.tolist() == [[1, 0, 0], [1, 0, 1], [1, 1, 0]]
     assert report.confusion_matrix(truths, detections, 2, threshold=0.1)[1].tolist() == [1, 1, 0]
+
+
+def stats_row(page: str) -> list[str]:
+    """The 12 COCO numbers of the page's table, as shown, in its order."""
+    row = re.search(r"<tr><th>AP</th>.*?</tr><tr>(.*?)</tr>", page, re.S)
+    assert row, "no table of the 12 COCO numbers"
+    return re.findall(r'<td class="n">([^<]*)</td>', row.group(1))
+
+
+def test_the_page_shows_each_number_in_its_place(tmp_path):
+    from drip.evaluation.metrics import Metrics
+
+    values = [0.101 + i / 100 for i in range(len(STAT_NAMES))]
+    values[5] = None  # no large objects
+    metrics = Metrics(*values, per_class_ap={"cat": 0.5}, per_class_ap50={"cat": 0.75}, pr_curves={"cat": None},
+                      recall_thresholds=[], per_class_objects={"cat": 300}, images=2, objects=300, detections=420,
+                      max_detections=250)
+    ev = report._Evaluation(["cat"], None, metrics, {"step": 7})
+    page = report._page(Session(tmp_path / "pipeline"), report.Report(tmp_path), ev, {}, 0.6)
+    assert stats_row(page) == ["0.101", "0.111", "0.121", "0.131", "0.141", "-", "0.161", "0.171", "0.181", "0.191",
+                               "0.201", "0.211"]
+    assert "<b>0.101</b>AP<" in page and "<b>0.111</b>AP50<" in page
+    assert "counting up to 250 detections per image" in page
+    assert "<td>cat</td><td class='n'>300</td><td class='n'>0.500</td><td class='n'>0.750</td>" in page
 
 
 def test_box_iou():
@@ -178,8 +202,11 @@ def test_training_writes_the_report_with_the_models_numbers(trained):
     assert_page_files(index, PICTURES)
     page = index.read_text()
     metrics = Session(folder).read_state()["stages"]["train"]["best_metrics"]
-    # The page's AP is the exported model's on the eval split: the number training recorded.
+    # The page's numbers are the exported model's on the eval split: those training recorded. (A
+    # 2-step model scores about 0 everywhere; test_the_page_shows_each_number_in_its_place can
+    # tell one number from another.)
     assert f"<b>{metrics['AP']:.3f}</b>AP<" in page
+    assert stats_row(page) == ["-" if metrics[name] is None else f"{metrics[name]:.3f}" for name in STAT_NAMES]
     assert "objects found at 60%" in page
     assert "counting up to 100 detections per image" in page  # none of the 3 eval images has more
 
