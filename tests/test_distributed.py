@@ -9,12 +9,14 @@ pieces that need no processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,21 @@ def test_failure_report_becomes_one_line(tmp_path):
     line = torchrun.failure_line(report, len("earlier run\n"), tmp_path, 1)
     assert "\n" not in line
     assert re.fullmatch(rf"rank 1 on \S+ was killed by SIGKILL; its log: {re.escape(str(tmp_path))}/rank-1\.log", line)
+
+
+def test_a_rank_that_found_a_peer_hung_names_the_peer(tmp_path):
+    """The rank that gave up waiting fails first; the line is about the one it waited for."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    said = (f"rank 1 on node-b stopped answering: rank 0 waited --dist_timeout (0.2 min) for it in a collective, and "
+            f"its heartbeat stood still (hung, stopped, or its machine froze); its log: {tmp_path}/rank-1.log")
+    (tmp_path / "rank-0.log").write_text(f"[drip] rank 0 of 2\ndrip: error: {said}\n")
+    (tmp_path / "rank-1.log").write_text("[drip] rank 1 of 2\n")
+    failures = {0: ProcessFailure(0, 11, 1, str(tmp_path / "none.json")),
+                1: ProcessFailure(1, 12, -signal.SIGKILL, str(tmp_path / "none.json"))}
+    report = tmp_path / "torchrun.log"
+    report.write_text(ChildFailedError("drip.runtime.worker", failures).format_msg())
+    assert torchrun.failure_line(report, 0, tmp_path, 1) == said
 
 
 # -- real processes ----------------------------------------------------------------------------------
@@ -383,3 +400,52 @@ def test_inference_on_two_processes_writes_what_one_writes(tmp_path):
             for r in (0, 1)]
     assert done == [7, 3]  # rank 0 reports all 7; rank 1 predicted its share, 3 of 7
     assert "infer: 7 images" in two.stderr
+
+
+@slow
+def test_a_hung_rank_ends_the_run_within_the_timeout_in_one_line(prepared, tmp_path):
+    """SIGSTOP: the rank neither dies nor answers. The others' collectives time out after
+    --dist_timeout, and the run ends in one line naming the hung rank and its log."""
+    session = fresh(prepared, tmp_path)
+    timeout_minutes = 0.2
+    run = after_first_checkpoint(session, "--number_of_steps", "400", "--dist_timeout", str(timeout_minutes))
+    hung = rank_pid(session, 1)
+    os.kill(hung, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        run.finish(expect=1, timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
+    took = time.monotonic() - stopped
+    print(run.stderr[-3000:])
+    print(f"ended {took:.1f} s after the SIGSTOP")
+    last = run.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"drip: error: rank 1 on \S+ .*; its log: .*/dl/logs/rank-1\.log", last), last
+    assert took < timeout_minutes * 60 + 20, took  # torchrun alone would wait 30 s more for the stopped rank
+    assert not drip_processes(session)
+
+
+@slow
+def test_a_killed_worker_on_the_second_node_restarts_and_resumes(prepared, tmp_path):
+    """Two torchrun launches as two "nodes" at 127.0.0.1, one restart allowed: the worker of
+    node 1 is killed; node 1's torchrun restarts it, node 0's rank loses its peer and restarts
+    too, and the two meet again and resume from node 0's newest checkpoint."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [fresh(prepared, tmp_path, f"node {r}") for r in (0, 1)]
+    runs = [train(nodes[r], "--number_of_steps", "6", "--nnodes", "2", "--node_rank", str(r), "--rdzv_endpoint",
+                  endpoint, "--nproc_per_node", "1", "--max_restarts", "1") for r in (0, 1)]
+    runs[0].wait_until((nodes[0] / "dl" / "checkpoints" / "step-0000002.pt").exists, "the first checkpoint")
+    killed = rank_pid(nodes[1], 1)
+    os.kill(killed, signal.SIGKILL)
+    for run in runs:
+        run.finish()
+    log0 = (nodes[0] / "dl" / "logs" / "rank-0.log").read_text()
+    log1 = (nodes[1] / "dl" / "logs" / "rank-1.log").read_text()
+    assert "restart 1" in log1 and rank_pid(nodes[1], 1) != killed  # a new worker on node 1
+    assert "restart 1" in log0 and re.search(r"resuming from step-000000[24]\.pt at step [24]", log0), log0[-2000:]
+    assert steps_in(nodes[0])[-1] == 6 and load(nodes[0] / "dl" / "model.pt")["last_step"] == 6
+    assert steps_in(nodes[1]) == []  # rank 0 alone writes, on node 0
+    assert "weights identical on all 2 ranks after step 6" in runs[0].stderr
+    assert not drip_processes(nodes[0]) and not drip_processes(nodes[1])
+

@@ -12,6 +12,10 @@ for the step, so a run on any number of processes sees the same images at the sa
 Without torchrun (``WORLD_SIZE`` unset or 1) the context is a single process and every
 collective is a no-op: the single-process path is the same code.
 
+Every rank also beats a counter in torchrun's store (``BEAT_SECONDS``), from a thread of its own:
+when a collective times out, ``silent_peers`` tells a rank that waits on a dead or hung one (a
+SIGSTOP, a frozen machine) from one that only waits on a slow one, and names it.
+
 The worker that torchrun starts, which runs the stages, is ``drip.runtime.worker``.
 """
 
@@ -19,10 +23,14 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..errors import ConfigError
+
+BEAT_SECONDS = 1.0  # a rank's heartbeat period; one whose count stands still for 3 periods is hung
 
 
 @dataclass
@@ -31,6 +39,8 @@ class Context:
     world: int = 1
     local_rank: int = 0
     _control: Any = None  # a gloo group for flags (stop requests): no GPU sync per step
+    _store: Any = None  # this attempt's keys in torchrun's store: the heartbeats
+    _beating: threading.Event = field(default_factory=threading.Event)  # set: the heartbeat thread stops
 
     @property
     def is_main(self) -> bool:
@@ -60,6 +70,43 @@ class Context:
         dist.init_process_group(backend, store=dist.PrefixStore(f"drip/attempt_{attempt}", store), rank=rank,
                                 world_size=world, timeout=timeout, device_id=device if device.type == "cuda" else None)
         self._control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+        self._start_heartbeat(dist.PrefixStore(f"drip/attempt_{attempt}/beat", store))
+
+    def _start_heartbeat(self, store) -> None:
+        """Count up ``beat/<rank>`` in the store every ``BEAT_SECONDS`` until ``close``; say once
+        where this rank lives (``who/<rank>``: host and pid)."""
+        self._store = store
+        store.set(f"who/{self.rank}", f"{os.uname().nodename} {os.getpid()}")
+
+        def beat() -> None:
+            while not self._beating.wait(BEAT_SECONDS):
+                try:
+                    store.add(str(self.rank), 1)
+                except Exception:  # the store went away with its agent: the run is ending anyway
+                    return
+
+        threading.Thread(target=beat, name="drip-heartbeat", daemon=True).start()
+
+    def silent_peers(self) -> list[tuple[int, str, int]]:
+        """(rank, host, pid) of every other rank whose heartbeat stood still for ``3 * BEAT_SECONDS``:
+        hung or stopped, not merely slow. Empty where nothing can be told (no store, no answer)."""
+        if self._store is None:
+            return []
+        import torch.distributed as dist
+
+        peers = [r for r in range(self.world) if r != self.rank]
+        try:
+            self._store.set_timeout(datetime.timedelta(seconds=10))
+            before = {r: self._store.add(str(r), 0) for r in peers}
+            time.sleep(3 * BEAT_SECONDS)
+            still = [r for r in peers if self._store.add(str(r), 0) == before[r]]
+            found = []
+            for r in still:
+                host, pid = self._store.get(f"who/{r}").decode().split()
+                found.append((r, host, int(pid)))
+            return found
+        except (RuntimeError, ValueError, dist.DistStoreError):
+            return []
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (a stop request must stop all at one step)."""
@@ -119,6 +166,7 @@ class Context:
         # the process group) lives until the cyclic collector runs, which may be only during
         # interpreter shutdown: a gloo group destroyed then can abort the process (SIGABRT, see
         # pytorch/pytorch#179291). Collect now, while the interpreter is whole.
+        self._beating.set()
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
