@@ -38,6 +38,8 @@ class Context:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE)
+    backend: str | None = None  # the process group's, once joined
     _control: Any = None  # a gloo group for flags (stop requests): no GPU sync per step
     _store: Any = None  # this attempt's keys in torchrun's store: the heartbeats
     _beating: threading.Event = field(default_factory=threading.Event)  # set: the heartbeat thread stops
@@ -51,16 +53,26 @@ class Context:
     def distributed(self) -> bool:
         return self.world > 1
 
+    def cuda_device(self):
+        """This rank's GPU: local rank r takes GPU r, or GPU r mod n where the node runs more
+        processes than it has GPUs (they share them; ``init`` then uses gloo)."""
+        import torch
+
+        return torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
+
     def init(self, device, timeout_minutes: float) -> None:
-        """Join the process group (NCCL on CUDA, gloo on the CPU); idempotent."""
+        """Join the process group (``backend_for``: NCCL on CUDA, gloo on the CPU or on shared
+        GPUs); idempotent."""
         if not self.distributed:
             return
+        import torch
         import torch.distributed as dist
 
         if dist.is_initialized():
             return
         timeout = datetime.timedelta(minutes=float(timeout_minutes))
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        backend = self.backend = backend_for(device.type, self.local_world, gpus)
         # torchrun's agent keeps one rendezvous store across elastic restarts, and PyTorch 2.14
         # no longer namespaces the workers' keys by attempt: a restarted rank could read the
         # listening address of the dead attempt's rank and fail gloo's "connectFullMesh" with
@@ -68,7 +80,7 @@ class Context:
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"drip/attempt_{attempt}", store), rank=rank,
-                                world_size=world, timeout=timeout, device_id=device if device.type == "cuda" else None)
+                                world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
         self._control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
         self._start_heartbeat(dist.PrefixStore(f"drip/attempt_{attempt}/beat", store))
 
@@ -172,6 +184,13 @@ class Context:
             dist.destroy_process_group()
 
 
+def backend_for(device_type: str, local_world: int, gpus: int) -> str:
+    """The process group's backend: NCCL where each process of the node has a GPU of its own,
+    gloo on the CPU and where processes share GPUs (NCCL refuses two processes on one GPU;
+    gloo moves CUDA tensors through the host, slower but correct)."""
+    return "nccl" if device_type == "cuda" and local_world <= gpus else "gloo"
+
+
 _CONTEXT: Context | None = None
 
 
@@ -183,7 +202,8 @@ def context() -> Context:
         # LOCAL_RANK too: torchrun sets it, while a cluster (a PyTorchJob) may set WORLD_SIZE and
         # RANK for the machines around the launching process, which is no rank itself.
         if world > 1 and "LOCAL_RANK" in os.environ:
-            _CONTEXT = Context(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+            _CONTEXT = Context(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                               int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
         else:
             _CONTEXT = Context()
     return _CONTEXT
