@@ -61,6 +61,12 @@ def test_ranks_together_read_each_steps_global_batch(world):
     assert all(len(s) == len(sampler) == 7 for s in slices)
 
 
+def test_backend_is_nccl_only_where_each_process_has_a_gpu():
+    assert distributed.backend_for("cuda", 2, 2) == distributed.backend_for("cuda", 1, 8) == "nccl"
+    assert distributed.backend_for("cuda", 2, 1) == "gloo"  # NCCL refuses two processes on one GPU
+    assert distributed.backend_for("cpu", 2, 0) == distributed.backend_for("cpu", 1, 4) == "gloo"
+
+
 def test_torchrun_command_lines(tmp_path):
     one = torchrun.torchrun_argv(torchrun.Launch(nproc_per_node="2"), 2, tmp_path, resume=False, dist_timeout=1)
     assert one[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in one
@@ -449,3 +455,17 @@ def test_a_killed_worker_on_the_second_node_restarts_and_resumes(prepared, tmp_p
     assert "weights identical on all 2 ranks after step 6" in runs[0].stderr
     assert not drip_processes(nodes[0]) and not drip_processes(nodes[1])
 
+
+@slow
+def test_the_gpu_scripts_nccl_probe_holds_on_gloo_and_the_cpu():
+    """tests/nccl_probe.py runs only on GPUs (test_gpu.py); its checks run here on gloo, so that a
+    fault in the probe itself shows before the few minutes a GPU is lent."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(ROOT / "tests" / "nccl_probe.py"), "--cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert len(re.findall(r"nccl probe ok: rank [01] of 2, gloo on the CPU", out)) == 2, out[-3000:]
