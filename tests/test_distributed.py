@@ -413,7 +413,7 @@ def test_a_hung_rank_ends_the_run_within_the_timeout_in_one_line(prepared, tmp_p
     """SIGSTOP: the rank neither dies nor answers. The others' collectives time out after
     --dist_timeout, and the run ends in one line naming the hung rank and its log."""
     session = fresh(prepared, tmp_path)
-    timeout_minutes = 0.2
+    timeout_minutes = 0.25  # 15 s: long enough for a busy machine's slowest step, short for the test
     run = after_first_checkpoint(session, "--number_of_steps", "400", "--dist_timeout", str(timeout_minutes))
     hung = rank_pid(session, 1)
     os.kill(hung, signal.SIGSTOP)
@@ -424,10 +424,9 @@ def test_a_hung_rank_ends_the_run_within_the_timeout_in_one_line(prepared, tmp_p
         with contextlib.suppress(ProcessLookupError):
             os.kill(hung, signal.SIGCONT)
     took = time.monotonic() - stopped
-    print(run.stderr[-3000:])
     print(f"ended {took:.1f} s after the SIGSTOP")
     last = run.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(r"drip: error: rank 1 on \S+ .*; its log: .*/dl/logs/rank-1\.log", last), last
+    assert re.fullmatch(r"drip: error: rank 1 on \S+ stopped answering: .*; its log: .*/dl/logs/rank-1\.log", last), last
     assert took < timeout_minutes * 60 + 20, took  # torchrun alone would wait 30 s more for the stopped rank
     assert not drip_processes(session)
 
