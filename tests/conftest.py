@@ -110,3 +110,33 @@ def unavailable(reason: str) -> None:
     if in_ci():
         pytest.fail(f"CI must run this test, but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def _no_skips() -> bool:
+    return os.environ.get("DRIP_NO_SKIPS") == "1"
+
+
+def _as_failure(report, what: str) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = (f"{what} skipped ({reason.removeprefix('Skipped: ')}), and DRIP_NO_SKIPS=1 allows none: "
+                       "scripts/gpu_checks.sh leaves out by name, with the reason, what this machine cannot run")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under DRIP_NO_SKIPS=1 (scripts/gpu_checks.sh) a skip is a failure: a check that skipped
+    proves nothing, and the script deselects, naming them, the tests impossible on the machine."""
+    outcome = yield
+    report = outcome.get_result()
+    if _no_skips() and report.skipped and not hasattr(report, "wasxfail"):
+        _as_failure(report, item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped while collected (``pytest.importorskip``)."""
+    outcome = yield
+    report = outcome.get_result()
+    if _no_skips() and report.skipped:
+        _as_failure(report, collector.nodeid)

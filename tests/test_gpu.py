@@ -1,9 +1,12 @@
-"""The CUDA path: mixed-precision training and its resume, inference on the GPU.
+"""The CUDA path: mixed-precision training and its resume, inference on the GPU, DDP on NCCL and
+on gloo with CUDA tensors, a DETR family in bf16.
 
 Every test here is marked ``gpu``: where no CUDA GPU answers it is skipped with the reason
 (``conftest.py``), and ``scripts/gpu_checks.sh`` runs them all, with the Docker ``--gpus`` test
-(``tests/test_docker.py``) and the GPU benchmarks, in one call on a machine with a GPU. The
-container with ``--gpus`` lives in ``test_docker.py`` beside the engine fixtures it needs.
+(``tests/test_docker.py``) and the GPU benchmarks, in one call on a machine with a GPU; there no
+test may skip (``DRIP_NO_SKIPS=1``), and the script leaves out by name what the machine cannot
+run (the multi-GPU test on one GPU, the container without an engine). The container with
+``--gpus`` lives in ``test_docker.py`` beside the engine fixtures it needs.
 
 Small on purpose (the smallest network, 128 px, a few steps): they prove that the CUDA code
 runs and keeps its promises, not how fast it is; the benchmarks measure that.
@@ -124,9 +127,96 @@ def test_train_stage_runs_on_the_gpu_it_was_asked_for(data, tmp_path):
     assert train.list_checkpoints(Session(folder).checkpoints_dir)
 
 
-# -- DDP on NCCL -------------------------------------------------------------------------------
-# The distributed-training work adds its GPU test here: torchrun with two processes on NCCL
-# (one per GPU, or both on one GPU where only one exists), checking that only rank 0 writes and
-# that the result matches a single-process run. Until then this placeholder says so in the report.
-def test_ddp_on_nccl():
-    pytest.skip("DDP on NCCL: not implemented yet; the distributed-training work adds this test here")
+# -- several processes ---------------------------------------------------------------------------
+# NCCL refuses two processes on one GPU. So: one process per GPU on NCCL (the probe, with as many
+# processes as there are GPUs: one on a one-GPU machine), two processes sharing one GPU through
+# Drip on gloo with CUDA tensors (what Drip does where a node runs more processes than it has
+# GPUs), and with two or more GPUs, Drip itself on NCCL with one process per GPU.
+def gpu_count() -> int:
+    return torch.cuda.device_count()
+
+
+def starter_run(data, tmp_path, *extra: str, steps: int = 2):
+    from test_distributed import Drip
+
+    flags = [f"--{k}={v}" for k, v in TINY.items() if k not in ("amp", "device")]
+    session = tmp_path / "session"
+    run = Drip("--runtime", "local", "--session_folder", str(session), "--src_json_path", str(data / "metadata.json"),
+               "--image_folder_path", str(data / "images"), *flags, "--device", "cuda", "--number_of_steps", str(steps),
+               "--checkpoint_every", str(steps), *extra, starter="training_starter.py").finish()
+    return session, run
+
+
+def test_ddp_on_nccl_one_process_per_gpu(tmp_path):
+    """torchrun with one process per GPU on NCCL: DDP's gradient is the mean of the ranks' own, an
+    all-reduce of CUDA tensors sums, the weights agree after fp16 steps (tests/nccl_probe.py)."""
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT
+
+    gpus = gpu_count()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+                        str(ROOT / "tests" / "nccl_probe.py")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert out.count("nccl probe ok") == gpus, out[-4000:]
+    print(out[-1000:])
+
+
+def test_ddp_two_processes_sharing_one_gpu_on_gloo_with_cuda_tensors(data, tmp_path, monkeypatch):
+    """Two processes on one GPU through Drip: NCCL would refuse them, so the group is gloo, moving
+    the CUDA gradients; rank 0 alone writes, the weights agree, mixed precision ran."""
+    from test_distributed import drip_processes, load, steps_in
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one GPU, whatever the machine has
+    session, run = starter_run(data, tmp_path, "--nproc_per_node", "2")
+    assert "2 processes x 1 images = batch 2, gloo on cuda (processes share GPUs" in run.stderr, run.stderr[-3000:]
+    assert "weights identical on all 2 ranks after step 2" in run.stderr
+    assert "rank 1 of 2" in (session / "dl" / "logs" / "rank-1.log").read_text()
+    saved = load(session / "dl" / "checkpoints" / "step-0000002.pt")
+    assert saved["config"]["device"] == "cuda" and saved["scaler"] and saved["scaler"]["scale"] > 0  # AMP ran
+    assert steps_in(session) == [2] and not drip_processes(session)
+
+
+def test_ddp_on_nccl_on_every_gpu_through_drip(data, tmp_path):
+    """Two or more GPUs: Drip's own run, one process per GPU (--nproc_per_node auto) on NCCL."""
+    from test_distributed import drip_processes, steps_in
+
+    gpus = gpu_count()
+    if gpus < 2:
+        pytest.skip(f"needs 2 or more GPUs (this machine has {gpus}): NCCL takes one process per GPU")
+    session, run = starter_run(data, tmp_path, "--nproc_per_node", "auto", "--batch_size", str(2 * gpus))
+    assert f"{gpus} processes x 2 images = batch {2 * gpus}, nccl on cuda" in run.stderr, run.stderr[-3000:]
+    assert f"weights identical on all {gpus} ranks after step 2" in run.stderr
+    assert steps_in(session) == [2] and not drip_processes(session)
+
+
+# -- a DETR family: bf16 -----------------------------------------------------------------------------
+def test_detr_family_trains_with_bf16_autocast(data, tmp_path):
+    """D-FINE-N at 256 px, two steps with --amp on: the forward runs in bfloat16 (the DETR
+    families' choice where the GPU has it: fp16 overflows in their attention), the master
+    weights stay float32, the losses finite."""
+    from drip import detectors
+
+    assert torch.cuda.is_bf16_supported(), "this GPU has no bfloat16: the DETR families would use fp16"
+    seen: set[torch.dtype] = set()
+
+    def record(module, _inputs, output):
+        if isinstance(module, torch.nn.Linear) and torch.is_tensor(output) and module.training:
+            seen.add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        folder = tmp_path / "session"
+        local.train(folder, overrides(data, network="dfine_n", image_size=256, number_of_steps=2, checkpoint_every=2))
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in seen and torch.float16 not in seen, seen
+    saved = checkpoint(Session(folder).checkpoints_dir / "step-0000002.pt")
+    assert saved["network"] == "dfine_n" and saved["config"]["amp"] is True
+    weights = [v for v in saved["model"].values() if v.is_floating_point()]
+    assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
+    model = models.load_model(Session(folder).model_path, "cuda")
+    assert detectors.mixed_precision(model.model, torch.device("cuda")) == torch.bfloat16

@@ -206,6 +206,12 @@ def failure_line(agent_log: Path, start: int, logs_dir: Path, returncode: int) -
     if not fields:
         last = [line for line in text.splitlines() if line.strip()][-1:] or ["no report"]
         return f"torchrun failed (exit code {returncode}): {last[0].strip()}; its log: {agent_log}"
+    # A rank that found a peer hung (drip.runtime.worker: its heartbeat stood still) names it: that
+    # peer, not the rank that gave up waiting for it, is what the line is about.
+    for failed in dict.fromkeys(re.findall(r"^\s+rank\s*:\s*(\d+)", text, re.M)):
+        said = _last_error(logs_dir / f"rank-{failed}.log")
+        if said and re.match(r"rank \d+ on \S+ stopped answering", said):
+            return said
     rank = fields.get("rank", "?").split()[0]
     host = fields.get("host", "?").strip()
     code = fields.get("exitcode", "?").split("(pid")[0].strip()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -46,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = context()
     session = Session(Path(args.session_folder))
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    redirect_output(Path(args.logs_dir or session.logs_dir) / f"rank-{ctx.rank}.log")
     host = os.uname().nodename
+    logs_dir = Path(args.logs_dir or session.logs_dir)
+    redirect_output(logs_dir / f"rank-{ctx.rank}.log")
     console.info(
         f"rank {ctx.rank} of {ctx.world} (local rank {ctx.local_rank}) on {host}, pid {os.getpid()}"
         + (f", restart {restart}" if restart else "")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:  # a collective that timed out or lost its peer
             text = str(exc).lower()
             if "timed out" in text or "timeout" in text:
-                raise DistributedError(
+                raise _silent_peer_error(ctx, host, logs_dir, values.get("dist_timeout")) or DistributedError(
                     f"rank {ctx.rank} on {host}: a collective operation timed out: another rank is dead or hung "
                     "(see the other ranks' logs), or rank 0 paused longer than --dist_timeout; raise it if so"
                 ) from None
@@ -83,6 +85,37 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return guarded(run)
+
+
+def _silent_peer_error(ctx, host: str, logs_dir: Path, timeout_minutes) -> DistributedError | None:
+    """After a collective timed out: the rank that stopped answering (its heartbeat stood still), in
+    one line with its log, or None when every peer still beats (a slow one, not a hung one).
+
+    A silent rank on this machine is ended here (SIGKILL): torchrun gives the others of a failed
+    group 30 s to exit after its SIGTERM, which a stopped process never hears, and a restart
+    (--max_restarts) starts only once every worker has exited."""
+    silent = ctx.silent_peers()
+    if not silent:
+        return None
+    for _rank, peer_host, pid in silent:
+        if peer_host == host:
+            _end_worker(pid)
+    rank, peer_host, _ = silent[0]
+    also = "".join(f", and rank {r} on {h}" for r, h, _ in silent[1:])
+    return DistributedError(
+        f"rank {rank} on {peer_host} stopped answering{also}: rank {ctx.rank} waited --dist_timeout "
+        f"({timeout_minutes} min) for it in a collective, and its heartbeat stood still (hung, stopped, or its "
+        f"machine froze); its log: {logs_dir / f'rank-{rank}.log'}"
+    )
+
+
+def _end_worker(pid: int) -> None:
+    """SIGKILL ``pid`` if it is still a drip worker (a pid is reused only after its process is gone)."""
+    try:
+        if b"drip.runtime.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ProcessLookupError):
+        pass
 
 
 if __name__ == "__main__":

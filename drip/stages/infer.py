@@ -90,7 +90,7 @@ def run(config: InferConfig, session_folder: Path | Session) -> InferResult:
 
     ctx = distributed.context()
     if ctx.distributed and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)  # one GPU per process
+        device = ctx.cuda_device()  # one GPU per process, or shared where there are fewer
         torch.cuda.set_device(device)
     loaded = load_model(model_path, device)
     return run_loaded(config, loaded, model_path, device, groups, annotations)

@@ -92,13 +92,15 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
     num_classes = len(classes) + 1
     device = models.resolve_device(config.device)
     if ctx.distributed and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
+        device = ctx.cuda_device()
         torch.cuda.set_device(device)
     ctx.init(device, config.dist_timeout)
     writes = ctx.is_main  # the one decision: only this process writes files and shows progress
     per_rank = distributed.split_batch(config.batch_size, ctx.world)
     if ctx.distributed and writes:
-        console.info(f"{ctx.world} processes x {per_rank} images = batch {config.batch_size}")
+        shared = device.type == "cuda" and ctx.backend == "gloo"
+        console.info(f"{ctx.world} processes x {per_rank} images = batch {config.batch_size}, {ctx.backend} on "
+                     f"{device.type}" + (" (processes share GPUs, which NCCL refuses: slower)" if shared else ""))
     found = find_checkpoint(session.checkpoints_dir) if resume and writes else None
     if resume and writes and found is None:
         console.info(f"no checkpoint in {session.checkpoints_dir}: training starts at step 0")

@@ -12,6 +12,10 @@ for the step, so a run on any number of processes sees the same images at the sa
 Without torchrun (``WORLD_SIZE`` unset or 1) the context is a single process and every
 collective is a no-op: the single-process path is the same code.
 
+Every rank also beats a counter in torchrun's store (``BEAT_SECONDS``), from a thread of its own:
+when a collective times out, ``silent_peers`` tells a rank that waits on a dead or hung one (a
+SIGSTOP, a frozen machine) from one that only waits on a slow one, and names it.
+
 The worker that torchrun starts, which runs the stages, is ``drip.runtime.worker``.
 """
 
@@ -19,10 +23,14 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..errors import ConfigError
+
+BEAT_SECONDS = 1.0  # a rank's heartbeat period; one whose count stands still for 3 periods is hung
 
 
 @dataclass
@@ -30,7 +38,11 @@ class Context:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE)
+    backend: str | None = None  # the process group's, once joined
     _control: Any = None  # a gloo group for flags (stop requests): no GPU sync per step
+    _store: Any = None  # this attempt's keys in torchrun's store: the heartbeats
+    _beating: threading.Event = field(default_factory=threading.Event)  # set: the heartbeat thread stops
 
     @property
     def is_main(self) -> bool:
@@ -41,16 +53,26 @@ class Context:
     def distributed(self) -> bool:
         return self.world > 1
 
+    def cuda_device(self):
+        """This rank's GPU: local rank r takes GPU r, or GPU r mod n where the node runs more
+        processes than it has GPUs (they share them; ``init`` then uses gloo)."""
+        import torch
+
+        return torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
+
     def init(self, device, timeout_minutes: float) -> None:
-        """Join the process group (NCCL on CUDA, gloo on the CPU); idempotent."""
+        """Join the process group (``backend_for``: NCCL on CUDA, gloo on the CPU or on shared
+        GPUs); idempotent."""
         if not self.distributed:
             return
+        import torch
         import torch.distributed as dist
 
         if dist.is_initialized():
             return
         timeout = datetime.timedelta(minutes=float(timeout_minutes))
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        backend = self.backend = backend_for(device.type, self.local_world, gpus)
         # torchrun's agent keeps one rendezvous store across elastic restarts, and PyTorch 2.14
         # no longer namespaces the workers' keys by attempt: a restarted rank could read the
         # listening address of the dead attempt's rank and fail gloo's "connectFullMesh" with
@@ -58,8 +80,43 @@ class Context:
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"drip/attempt_{attempt}", store), rank=rank,
-                                world_size=world, timeout=timeout, device_id=device if device.type == "cuda" else None)
+                                world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
         self._control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+        self._start_heartbeat(dist.PrefixStore(f"drip/attempt_{attempt}/beat", store))
+
+    def _start_heartbeat(self, store) -> None:
+        """Count up ``beat/<rank>`` in the store every ``BEAT_SECONDS`` until ``close``; say once
+        where this rank lives (``who/<rank>``: host and pid)."""
+        self._store = store
+        store.set(f"who/{self.rank}", f"{os.uname().nodename} {os.getpid()}")
+
+        def beat() -> None:
+            while not self._beating.wait(BEAT_SECONDS):
+                try:
+                    store.add(str(self.rank), 1)
+                except Exception:  # the store went away with its agent: the run is ending anyway
+                    return
+
+        threading.Thread(target=beat, name="drip-heartbeat", daemon=True).start()
+
+    def silent_peers(self) -> list[tuple[int, str, int]]:
+        """(rank, host, pid) of every other rank whose heartbeat stood still for ``3 * BEAT_SECONDS``:
+        hung or stopped, not merely slow. Empty where nothing can be told (no store, no answer)."""
+        if self._store is None:
+            return []
+        peers = [r for r in range(self.world) if r != self.rank]
+        try:
+            self._store.set_timeout(datetime.timedelta(seconds=10))
+            before = {r: self._store.add(str(r), 0) for r in peers}
+            time.sleep(3 * BEAT_SECONDS)
+            still = [r for r in peers if self._store.add(str(r), 0) == before[r]]
+            found = []
+            for r in still:
+                host, pid = self._store.get(f"who/{r}").decode().split()
+                found.append((r, host, int(pid)))
+            return found
+        except (RuntimeError, ValueError):  # the store's errors (DistStoreError) are RuntimeErrors
+            return []
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (a stop request must stop all at one step)."""
@@ -119,9 +176,17 @@ class Context:
         # the process group) lives until the cyclic collector runs, which may be only during
         # interpreter shutdown: a gloo group destroyed then can abort the process (SIGABRT, see
         # pytorch/pytorch#179291). Collect now, while the interpreter is whole.
+        self._beating.set()
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def backend_for(device_type: str, local_world: int, gpus: int) -> str:
+    """The process group's backend: NCCL where each process of the node has a GPU of its own,
+    gloo on the CPU and where processes share GPUs (NCCL refuses two processes on one GPU;
+    gloo moves CUDA tensors through the host, slower but correct)."""
+    return "nccl" if device_type == "cuda" and local_world <= gpus else "gloo"
 
 
 _CONTEXT: Context | None = None
@@ -135,7 +200,8 @@ def context() -> Context:
         # LOCAL_RANK too: torchrun sets it, while a cluster (a PyTorchJob) may set WORLD_SIZE and
         # RANK for the machines around the launching process, which is no rank itself.
         if world > 1 and "LOCAL_RANK" in os.environ:
-            _CONTEXT = Context(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+            _CONTEXT = Context(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                               int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
         else:
             _CONTEXT = Context()
     return _CONTEXT
