@@ -200,8 +200,18 @@ class HFDetector(nn.Module):
         self.score_thresh = DEFAULT_SCORE_FLOOR
         self.detections_per_img = DETECTIONS_PER_IMAGE
 
+    @property
+    def side(self) -> int:
+        """The network's square input: ``image_size`` rounded up to a multiple of its coarsest
+        stride. Each feature map is then exactly the input over its stride, so the encoder's
+        upsampled coarse map meets the finer one (at 200 px D-FINE's 7x7 map, doubled, would
+        not meet the 13x13 one). The stretch to a square already changes the aspect, so the
+        few extra pixels change nothing else: boxes come back normalised."""
+        stride = max(self.net.config.feat_strides)
+        return max(1, math.ceil(self.image_size / stride)) * stride
+
     def _pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
+        size = (self.side, self.side)
         return torch.cat([F.interpolate(im[None], size=size, mode="bilinear", align_corners=False) for im in images])
 
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
@@ -210,13 +220,30 @@ class HFDetector(nn.Module):
             if targets is None:
                 raise ValueError("HFDetector in train mode needs targets")
             labels = [_to_hf_target(t, im) for t, im in zip(targets, images)]
-            out = self.net(pixel_values=pixels, labels=labels)
-            return _grouped_losses(out.loss_dict)
-        out = self.net(pixel_values=pixels)
+            with queries_for(self.net, self.side):
+                out = self.net(pixel_values=pixels, labels=labels)
+            losses = _grouped_losses(out.loss_dict)
+            if not any(len(t["boxes"]) for t in targets):
+                first = next(iter(losses))  # the same names on every rank: their mean is reduced by name
+                losses[first] = losses[first] + self._touch_every_parameter()
+            return losses
+        with queries_for(self.net, self.side):
+            out = self.net(pixel_values=pixels)
         return [
             self._detections(out.logits[i], out.pred_boxes[i], im)
             for i, im in enumerate(images)
         ]
+
+    def _touch_every_parameter(self) -> torch.Tensor:
+        """Zero, reached from every trainable parameter.
+
+        With no box in the batch, transformers skips the denoising queries, so their class
+        embedding gets no gradient. Under DDP a rank whose slice is background only (tiling and
+        Drip keep such images on purpose) would then leave a parameter unreduced, and DDP stops
+        at the next step; this adds a zero gradient instead, which is what
+        ``find_unused_parameters`` would reduce for it, without its graph walk on every step.
+        """
+        return sum((p.sum() for p in self.net.parameters() if p.requires_grad), torch.zeros(())) * 0.0
 
     def _detections(self, logits: torch.Tensor, boxes: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Top ``detections_per_img`` (query, class) pairs by sigmoid score, as the authors'
@@ -233,6 +260,33 @@ class HFDetector(nn.Module):
         xyxy = torch.stack(((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height), -1)
         keep = top >= self.score_thresh
         return {"boxes": xyxy[keep], "labels": labels[keep], "scores": top[keep]}
+
+
+def anchors_at(config, side: int) -> int:
+    """The encoder positions (anchors) of a square input ``side`` pixels wide (``HFDetector.side``):
+    each feature level's map is the input divided by its stride, rounded up (stride-2
+    convolutions with padding)."""
+    return sum(math.ceil(side / stride) ** 2 for stride in config.feat_strides)
+
+
+@contextlib.contextmanager
+def queries_for(net: nn.Module, image_size: int) -> Iterator[None]:
+    """``net``'s queries no more than the anchors at ``image_size``, for one forward.
+
+    The encoder keeps its ``num_queries`` best-scoring anchors as the decoder's queries
+    (``torch.topk``): at 224 px D-FINE-N's two levels give 14x14 + 7x7 = 245 anchors, fewer than
+    its 300 queries. The authors' code fixes the anchors to its 640 px and so never meets this;
+    with fewer anchors than queries every anchor becomes a query (their ``num_top_queries``
+    post-processing is already bounded by the queries, ``_detections``). The configured count is
+    put back afterwards: the model file keeps it, and a larger size gets all of them again.
+    """
+    config = net.config
+    wanted = config.num_queries
+    config.num_queries = max(1, min(wanted, anchors_at(config, image_size)))
+    try:
+        yield
+    finally:
+        config.num_queries = wanted
 
 
 def _to_hf_target(target: dict[str, torch.Tensor], image: torch.Tensor) -> dict[str, torch.Tensor]:
