@@ -10,6 +10,7 @@ make which queries win, and so any comparison of two runtimes, arbitrary.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from drip import cli, detectors  # noqa: E402
-from drip.detectors import models  # noqa: E402
+from drip.detectors import hf, models  # noqa: E402
 from drip.deploy import onnx_infer  # noqa: E402
 from drip.config import InferConfig  # noqa: E402
 from drip.errors import ModelError  # noqa: E402
@@ -108,6 +109,65 @@ def test_a_safetensors_file_starts_drips_own_architecture(tmp_path):
     assert model.net.config.num_labels == len(CLASSES)
     loaded, saved = model.net.state_dict(), non_head(published.state_dict())
     assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+
+
+def test_the_head_modules_are_the_tensors_that_follow_the_class_count():
+    """hf.HEAD_MODULES names the class head that a start point keeps or starts fresh: exactly the
+    tensors whose shape changes with the number of classes, in every family."""
+    for network in FAMILIES:
+        five, six = (tiny_network(network, n).state_dict() for n in (5, 6))
+        follows = {k for k in five if five[k].shape != six[k].shape}
+        assert follows and follows == {k for k in five if hf._in_head(k)}, network
+
+
+def head_and_rest(model) -> tuple[dict, dict]:
+    state = model.net.state_dict()
+    return ({k: v for k, v in state.items() if hf._in_head(k)}, {k: v for k, v in state.items() if not hf._in_head(k)})
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_class_head_is_kept_only_for_the_same_names_in_the_same_order(pretrained, capsys):
+    network, folder = pretrained
+    names = list(tiny_network(network).config.id2label.values())  # what the checkpoint's head was trained for
+    saved_head, saved_rest = head_and_rest(hf._wrap(tiny_network(network), network))
+    kept = models.build_model(network, len(names) + 1, str(folder), SIZE, classes=names)
+    assert "its class head is kept" in capsys.readouterr().err
+    assert same(head_and_rest(kept)[0], saved_head) and same(head_and_rest(kept)[1], saved_rest)
+
+    reordered = models.build_model(network, len(names) + 1, str(folder), SIZE, classes=names[::-1])
+    assert "tensors of the class head start fresh" in capsys.readouterr().err
+    head, rest = head_and_rest(reordered)
+    assert same(rest, saved_rest) and not any(torch.equal(head[k], saved_head[k]) for k in head if "weight" in k)
+    assert list(reordered.net.config.id2label.values()) == names[::-1]
+
+
+def test_a_drip_model_continues_whole_only_for_the_same_classes(tmp_path, capsys):
+    """The retraining loop: --network model.pt keeps its class head for the same names in the
+    same order; as many classes under other names start a fresh one."""
+    model = hf._wrap(tiny_network("dfine_n", 3), "dfine_n")
+    path = models.export_model(tmp_path / "model.pt", model, "dfine_n", list(CLASSES), SIZE, {})
+    again = models.build_model(str(path), 4, "none", SIZE, classes=list(CLASSES))
+    assert same(again.net.state_dict(), model.net.state_dict())
+    other = models.build_model(str(path), 4, "none", SIZE, classes=["cat", "dog", "bird"])
+    assert "the class head starts fresh" in capsys.readouterr().err
+    head, rest = head_and_rest(other)
+    assert same(rest, head_and_rest(model)[1]) and not same(head, head_and_rest(model)[0])
+    assert list(other.net.config.id2label.values()) == ["cat", "dog", "bird"]
+
+
+def test_weights_of_another_network_are_refused_in_one_line(tmp_path):
+    """A file that would leave more than half of the network at random init is no start point."""
+    other = tiny_network("rtdetr_v2_r18")
+    other.save_pretrained(tmp_path / "rtdetr")
+    with pytest.raises(ModelError, match=r"only \d+ of dfine_n's \d+ tensors are in it; .* pick the --network") as caught:
+        models.build_model("dfine_n", 4, str(tmp_path / "rtdetr" / "model.safetensors"), SIZE)
+    assert "\n" not in str(caught.value)
+    torch.save(other.state_dict(), tmp_path / "rtdetr.pt")
+    with pytest.raises(ModelError, match=r"only \d+ of dfine_n's \d+ tensors are in it"):
+        models.build_model("dfine_n", 4, str(tmp_path / "rtdetr.pt"), SIZE)
 
 
 def test_weights_from_a_folder_of_the_other_family_are_refused(pretrained):
@@ -262,3 +322,51 @@ def test_two_processes_train_on_tiles_with_a_rank_whose_slice_is_background_only
                   "--src_json_path", str(data / "metadata.json"), "--image_folder_path", str(data / "images"))
     assert "weights identical on all 2 ranks" in out.stderr
     assert torch.load(session / "dl" / "model.pt", map_location="cpu", weights_only=True)["last_step"] == 4
+
+
+# -- --weights coco, downloaded from a local Hub --------------------------------------------------------
+BUILD_FROM_COCO = """
+import json, sys, torch
+from drip.detectors import models
+model = models.build_model("dfine_n", 4, "coco", 64, cache_dir=sys.argv[1], classes=["circle", "square", "triangle"])
+print(json.dumps({"id2label": model.net.config.id2label, "head": model.net.class_embed[0].out_features}))
+torch.save(model.net.state_dict(), sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_weights_coco_downloads_caches_and_resizes_the_head_through_the_hub_api(tmp_path):
+    """``--weights coco`` as a user runs it, the Hub replaced by a local server speaking its HTTP API
+    (HF_ENDPOINT): the download into the session cache, the head resized for the session's classes,
+    and a second build from the cache alone once the server is gone."""
+    from hub_server import Hub
+
+    repo = hf.NETWORKS["dfine_n"].hub["coco"]
+    published = tiny_network("dfine_n", 80)
+    published.config.id2label = {i: f"coco_{i}" for i in range(80)}
+    published.config.label2id = {f"coco_{i}": i for i in range(80)}
+    published.save_pretrained(tmp_path / "repo")
+    cache = tmp_path / "session cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    hub = Hub({repo: tmp_path / "repo"})
+    try:
+        first = subprocess.run([sys.executable, "-c", BUILD_FROM_COCO, str(cache), str(tmp_path / "first.pt")],
+                               capture_output=True, text=True, env={**env, "HF_ENDPOINT": hub.endpoint}, timeout=300)
+    finally:
+        hub.close()
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"GET /{repo}/resolve/main/model.safetensors" in hub.requests, hub.requests
+    assert list((cache / "huggingface").glob("models--*/snapshots/*/model.safetensors"))
+    built = json.loads(first.stdout.strip().splitlines()[-1])
+    assert built == {"id2label": {"0": "circle", "1": "square", "2": "triangle"}, "head": 3}
+    assert "tensors of the class head start fresh" in first.stderr
+    state = torch.load(tmp_path / "first.pt", weights_only=True)
+    assert same({k: v for k, v in state.items() if not hf._in_head(k)},
+                {k: v for k, v in published.state_dict().items() if not hf._in_head(k)})
+
+    # The server is gone (its port refuses): the cache alone serves the same start point.
+    second = subprocess.run([sys.executable, "-c", BUILD_FROM_COCO, str(cache), str(tmp_path / "second.pt")],
+                            capture_output=True, text=True, env={**env, "HF_ENDPOINT": hub.endpoint}, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = torch.load(tmp_path / "second.pt", weights_only=True)
+    assert same({k: v for k, v in again.items() if not hf._in_head(k)}, {k: v for k, v in state.items() if not hf._in_head(k)})

@@ -368,14 +368,10 @@ class Transformers(Family):
 
     def replace_head(self, model: nn.Module, network: str, num_classes: int, classes=None) -> None:
         """A fresh head for ``num_classes``: the network rebuilt from its own config with the new
-        class count, every weight that still fits loaded back."""
+        class count and names, every weight but the class head's loaded back."""
         config = model.net.config.__class__.from_dict(model.net.config.to_dict())
         _set_labels(config, num_classes, classes)
-        fresh = type(model.net)(config)
-        own = fresh.state_dict()
-        fits = {k: v for k, v in model.net.state_dict().items() if k in own and own[k].shape == v.shape}
-        fresh.load_state_dict(fits, strict=False)
-        model.net = _ready(fresh)
+        model.net = _ready(_fresh_head(model.net, config))
 
     def from_weights_file(self, network: str, num_classes: int, path, cache_dir, source: str, classes=None) -> nn.Module:
         spec = NETWORKS[network]
@@ -398,6 +394,9 @@ class Transformers(Family):
         model = self.skeleton(network, num_classes, classes)
         if not any(k.startswith("net.") for k in state):
             state = {f"net.{k}": v for k, v in state.items()}  # a transformers state_dict, not Drip's
+        own = model.state_dict()
+        fits = [k for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)]
+        _refuse_mostly_fresh(len(own) - len(fits), len(own), source, network)
         load_matching(model, state, source, network)
         return model
 
@@ -468,10 +467,50 @@ def _backbone_scale(model: HFDetector) -> float:
     return spec.backbone_lr_scale if spec is not None else 0.1
 
 
+def _label_names(num_classes: int, classes=None) -> list[str]:
+    """The class names a network for ``num_classes`` carries (id2label, from 0)."""
+    if classes is not None and len(classes) == num_classes - 1:
+        return [str(name) for name in classes]
+    return [f"class_{i}" for i in range(1, num_classes)]
+
+
+def _names_in(config) -> list[str]:
+    """A config's classes in id order (a Hub config.json keys id2label by strings)."""
+    return [str(name) for _, name in sorted((int(k), v) for k, v in (config.id2label or {}).items())]
+
+
+# The modules whose tensors are per class: the decoder's and encoder's class heads (RF-DETR keeps
+# one encoder head per query group) and the denoising queries' class embedding. A test checks
+# that these are exactly the tensors whose shape follows num_labels, in every family.
+HEAD_MODULES = ("class_embed", "enc_score_head", "enc_out_class_embed", "denoising_class_embed")
+
+
+def _in_head(key: str) -> bool:
+    return any(part in HEAD_MODULES for part in key.split("."))
+
+
+def _fresh_head(net: nn.Module, config) -> nn.Module:
+    """``net`` rebuilt from ``config`` (its class head initialised as transformers does), every
+    tensor outside the class head loaded back."""
+    fresh = type(net)(config)
+    own = fresh.state_dict()
+    kept = {k: v for k, v in net.state_dict().items() if not _in_head(k) and k in own and own[k].shape == v.shape}
+    fresh.load_state_dict(kept, strict=False)
+    return fresh
+
+
+def _refuse_mostly_fresh(unloaded: int, total: int, what: str, network: str) -> None:
+    """A weights file that leaves more than half of the network's tensors at random init is not a
+    start point of it (another architecture, another size): refused, not trained on quietly."""
+    if total and unloaded * 2 > total:
+        raise ModelError(
+            f"{what}: only {total - unloaded} of {network}'s {total} tensors are in it; it holds the weights of "
+            "another network or size: pick the --network it was made for"
+        )
+
+
 def _set_labels(config, num_classes: int, classes=None) -> None:
-    names = list(classes) if classes is not None and len(classes) == num_classes - 1 else [
-        f"class_{i}" for i in range(1, num_classes)
-    ]
+    names = _label_names(num_classes, classes)
     config.num_labels = num_classes - 1
     config.id2label = {i: str(name) for i, name in enumerate(names)}
     config.label2id = {str(name): i for i, name in enumerate(names)}
@@ -504,14 +543,23 @@ def _from_pretrained(network: str, where, num_classes: int, classes=None, cache_
     kwargs = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
     config = config_class.from_pretrained(str(where), **kwargs)
     _check_model_type(None, config_class.model_type, what, getattr(config, "model_type", None))
+    theirs, ours = _names_in(config), _label_names(num_classes, classes)
     _set_labels(config, num_classes, classes)
     net, report = model_class.from_pretrained(
         str(where), config=config, ignore_mismatched_sizes=True, use_safetensors=True, output_loading_info=True, **kwargs
     )
     fresh = [str(k[0] if isinstance(k, tuple) else k) for k in report.get("mismatched_keys", [])]
     missing = [str(k) for k in report.get("missing_keys", [])]
-    if fresh:
-        console.info(f"{what}: {len(fresh)} tensors start fresh for {num_classes - 1} classes (the class head): {names(fresh)}")
+    _refuse_mostly_fresh(len(set(fresh + missing)), len(net.state_dict()), what, network)
+    if theirs == ours:
+        console.info(f"{what}: its class head is kept: its {len(theirs)} classes are this session's, in the same order")
+    else:
+        # Same names in the same order, or a fresh head: COCO's "person" head would otherwise
+        # score a user's 80th class by position (the counts alone can agree).
+        net = _fresh_head(net, net.config)
+        head = [k for k in net.state_dict() if _in_head(k)]
+        differ = f"its {len(theirs)} classes ({names(theirs, 3)}) are not this session's {len(ours)} ({names(ours, 3)})"
+        console.info(f"{what}: {len(head)} tensors of the class head start fresh: {differ}")
     if missing:
         console.info(f"{what}: {len(missing)} tensors of {network} are not in the checkpoint and start fresh: {names(missing)}")
     return _wrap(net, network)
