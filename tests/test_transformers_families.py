@@ -31,11 +31,15 @@ from drip.data.synthetic import CLASSES, make_dataset, write_drip_json  # noqa: 
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128
-FAMILIES = {"dfine_n": "d_fine", "rtdetr_v2_r18": "rt_detr_v2"}
+FAMILIES = {"dfine_n": "d_fine", "rtdetr_v2_r18": "rt_detr_v2", "rfdetr_n": "rf_detr", "lwdetr_t": "lw_detr"}
+MODEL_CLASSES = {"d_fine": "DFineForObjectDetection", "rt_detr_v2": "RTDetrV2ForObjectDetection",
+                 "rf_detr": "RfDetrForObjectDetection", "lw_detr": "LwDetrForObjectDetection"}
 BOX_TOL_PX, SCORE_TOL = 1.0, 1e-3
 
 
 def tiny_config(network: str, num_labels: int, **overrides):
+    if FAMILIES[network] in ("rf_detr", "lw_detr"):
+        return tiny_vit_config(network, num_labels, **overrides)
     common = dict(
         encoder_hidden_dim=16, encoder_ffn_dim=32, encoder_attention_heads=2, d_model=16, num_queries=12,
         decoder_in_channels=[16, 16, 16], decoder_ffn_dim=32, decoder_layers=2, decoder_attention_heads=2,
@@ -60,9 +64,23 @@ def tiny_config(network: str, num_labels: int, **overrides):
                                        decoder_n_points=2, **common)
 
 
+def tiny_vit_config(network: str, num_labels: int, **overrides):
+    """RF-DETR and LW-DETR: a ViT of 16 px patches in windows, one feature level, 3 query groups."""
+    common = dict(d_model=16, num_queries=12, decoder_layers=2, decoder_self_attention_heads=2, decoder_cross_attention_heads=2,
+                  decoder_n_points=2, decoder_ffn_dim=32, num_labels=num_labels, group_detr=3, c2f_num_blocks=1)
+    common.update(overrides)
+    if FAMILIES[network] == "rf_detr":
+        backbone = dict(model_type="rf_detr_dinov2", hidden_size=16, num_hidden_layers=4, num_attention_heads=2, num_windows=2,
+                        patch_size=16, image_size=64, out_features=["stage1", "stage2", "stage3", "stage4"])
+        return transformers.RfDetrConfig(backbone_config=backbone, **common)
+    backbone = dict(model_type="lw_detr_vit", hidden_size=16, num_hidden_layers=3, num_attention_heads=2, window_block_indices=[0, 2],
+                    out_indices=[1, 2], image_size=256, pretrain_image_size=64)
+    return transformers.LwDetrConfig(backbone_config=backbone, projector_scale_factors=[1.0], **common)
+
+
 def tiny_network(network: str, num_labels: int = 5, **overrides) -> torch.nn.Module:
     config = tiny_config(network, num_labels, **overrides)
-    model_class = transformers.DFineForObjectDetection if FAMILIES[network] == "d_fine" else transformers.RTDetrV2ForObjectDetection
+    model_class = getattr(transformers, MODEL_CLASSES[FAMILIES[network]])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = model_class(config)
@@ -71,6 +89,10 @@ def tiny_network(network: str, num_labels: int = 5, **overrides) -> torch.nn.Mod
             for param in net.parameters():
                 fan_in = param[0].numel() if param.dim() >= 2 else 1
                 param.add_(torch.randn(param.shape, generator=generator) / fan_in ** 0.5)
+            if FAMILIES[network] in ("rf_detr", "lw_detr"):
+                # Their class head starts at a prior probability of 0.01 (a bias of -4.6): every
+                # score would bunch near it, under any threshold worth comparing at.
+                net.class_embed.bias.zero_()
     return net.eval()
 
 
@@ -95,7 +117,8 @@ def test_weights_folder_resizes_the_head_and_loads_the_rest(pretrained):
     config = model.net.config
     assert config.num_labels == len(CLASSES)
     assert config.id2label == dict(enumerate(CLASSES)) and config.label2id == {n: i for i, n in enumerate(CLASSES)}
-    assert model.net.class_embed[0].out_features == len(CLASSES)
+    head = model.net.class_embed  # one per decoder layer (D-FINE, RT-DETRv2) or one (RF-DETR, LW-DETR)
+    assert (head[0] if isinstance(head, torch.nn.ModuleList) else head).out_features == len(CLASSES)
     saved = non_head(tiny_network(network).state_dict())
     loaded = model.net.state_dict()
     assert saved and all(torch.equal(loaded[k], v) for k, v in saved.items())
@@ -201,6 +224,45 @@ def test_weights_none_warns_that_detr_models_need_pretraining(capsys):
     assert sum(p.numel() for p in model.parameters()) > 3_000_000  # the real D-FINE-N, not a toy
 
 
+@pytest.mark.parametrize("network", FAMILIES)
+def test_the_losses_add_up_to_transformers_own_total(network):
+    """Drip trains on the sum of the grouped losses: it must be transformers' ``loss`` (LW-DETR's
+    and RF-DETR's ``loss_dict`` is unweighted and holds ``cardinality_error``, a count)."""
+    model = hf._wrap(tiny_network(network), network, image_size=64).train()
+    images = [torch.rand(3, 48, 64), torch.rand(3, 64, 40)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[1.0, 10.0, 30.0, 60.0]]), "labels": torch.tensor([1])}]
+    torch.manual_seed(0)
+    ours = sum(model(images, targets).values())
+    torch.manual_seed(0)
+    theirs = model.net(pixel_values=model._pixels(images), labels=[hf._to_hf_target(t, im) for t, im in zip(targets, images)]).loss
+    assert torch.allclose(ours, theirs, rtol=1e-5), (float(ours), float(theirs))
+
+
+def test_every_detr_network_builds_with_its_published_parameter_count():
+    """The architectures in hf.NETWORKS are the published ones (built on the meta device: no memory,
+    no initialisation): within 10% of the authors' count, which they round (D-FINE-N: 3.7 M as "4")."""
+    for name, spec in hf.NETWORKS.items():
+        config = hf.TRANSFORMERS._config(name, 81)
+        with torch.device("meta"):
+            net = hf._classes(spec.kind)[1](config)
+        params = sum(p.numel() for p in net.parameters()) / 1e6
+        assert abs(params - spec.published.params_m) <= 0.1 * spec.published.params_m, (name, params)
+
+
+def test_rfdetr_xl_and_2xl_are_refused_for_their_licence():
+    for name in ("rfdetr_xl", "rfdetr_2xl"):
+        with pytest.raises(ModelError, match=r"Platform Model License .* Drip offers rfdetr_n, rfdetr_s, rfdetr_m and rfdetr_l") as caught:
+            models.build_model(name, 4, "coco", SIZE)
+        assert "\n" not in str(caught.value)
+
+
+def test_every_detr_network_is_listed_with_its_published_figures():
+    for name in ("rfdetr_n", "rfdetr_s", "rfdetr_m", "rfdetr_l", "lwdetr_t", "lwdetr_s"):
+        published = detectors.published(name)
+        assert published.coco_ap and published.params_m and "T4" in published.latency and published.licence == "Apache-2.0"
+
+
 def test_weights_objects365_only_where_published():
     with pytest.raises(ModelError, match="not published for rtdetr_v2_r18; use one of coco, none"):
         models.build_model("rtdetr_v2_r18", 4, "objects365", SIZE)
@@ -231,10 +293,18 @@ def unmatched(ours: list[dict], theirs: list[dict], threshold: float) -> list[di
 
 @pytest.mark.slow
 def test_train_resume_evaluate_infer_export(pretrained, tmp_path):
-    network, folder = pretrained
+    network, _ = pretrained
     data = tmp_path / "data"
     annotations = make_dataset(data / "my images", 8, size=(160, 120), seed=3)
     write_drip_json(data / "metadata.json", annotations)
+    # The user's own earlier model of these classes, in the label map's order (first seen first):
+    # the retraining loop, whose class head is kept, so its spread scores clear the comparison's
+    # threshold (RF-DETR's and LW-DETR's fresh heads score about 0.01).
+    order = list(dict.fromkeys(label for a in annotations for label in a.labels))
+    folder = tmp_path / f"my {network}"
+    named = tiny_network(network, len(order))
+    named.config.id2label, named.config.label2id = dict(enumerate(order)), {n: i for i, n in enumerate(order)}
+    named.save_pretrained(folder)
     session = tmp_path / "pipe line"
     common = ["--runtime", "local", "--network", network, "--weights", str(folder), "--image_size", str(SIZE),
               "--batch_size", "2", "--checkpoint_every", "2", "--num_workers", "0", "--device", "cpu",
@@ -243,6 +313,7 @@ def test_train_resume_evaluate_infer_export(pretrained, tmp_path):
               "--image_folder_path", str(data / "my images")]
     out = starter("training_starter.py", *common, "--number_of_steps", "2")
     assert "grad_clip 0.1" in out.stderr and "optimizer adamw" in out.stderr
+    assert "its class head is kept" in out.stderr
     dl = session / "dl"
     first = torch.load(dl / "model.pt", map_location="cpu", weights_only=True)
     hf_config = json.loads(first["structure"]["hf_config"])
