@@ -705,8 +705,10 @@ def _from_pretrained(network: str, where, num_classes: int, classes=None, cache_
         console.info(f"{what}: its class head is kept: its {len(theirs)} classes are this session's, in the same order")
     else:
         # Same names in the same order, or a fresh head: COCO's "person" head would otherwise
-        # score a user's 80th class by position (the counts alone can agree).
-        net = _fresh_head(net, net.config)
+        # score a user's 80th class by position (the counts alone can agree). Where the counts
+        # differ, every head tensor's shape did, and transformers initialised it fresh already.
+        if len(theirs) == len(ours):
+            net = _fresh_head(net, net.config)
         head = [k for k in net.state_dict() if _in_head(k)]
         differ = f"its {len(theirs)} classes ({names(theirs, 3)}) are not this session's {len(ours)} ({names(ours, 3)})"
         console.info(f"{what}: {len(head)} tensors of the class head start fresh: {differ}")
