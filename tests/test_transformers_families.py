@@ -10,6 +10,7 @@ make which queries win, and so any comparison of two runtimes, arbitrary.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from drip import cli, detectors  # noqa: E402
-from drip.detectors import models  # noqa: E402
+from drip.detectors import hf, models  # noqa: E402
 from drip.deploy import onnx_infer  # noqa: E402
 from drip.config import InferConfig  # noqa: E402
 from drip.errors import ModelError  # noqa: E402
@@ -30,16 +31,21 @@ from drip.data.synthetic import CLASSES, make_dataset, write_drip_json  # noqa: 
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128
-FAMILIES = {"dfine_n": "d_fine", "rtdetr_v2_r18": "rt_detr_v2"}
+FAMILIES = {"dfine_n": "d_fine", "rtdetr_v2_r18": "rt_detr_v2", "rfdetr_n": "rf_detr", "lwdetr_t": "lw_detr"}
+MODEL_CLASSES = {"d_fine": "DFineForObjectDetection", "rt_detr_v2": "RTDetrV2ForObjectDetection",
+                 "rf_detr": "RfDetrForObjectDetection", "lw_detr": "LwDetrForObjectDetection"}
 BOX_TOL_PX, SCORE_TOL = 1.0, 1e-3
 
 
-def tiny_config(network: str, num_labels: int):
+def tiny_config(network: str, num_labels: int, **overrides):
+    if FAMILIES[network] in ("rf_detr", "lw_detr"):
+        return tiny_vit_config(network, num_labels, **overrides)
     common = dict(
         encoder_hidden_dim=16, encoder_ffn_dim=32, encoder_attention_heads=2, d_model=16, num_queries=12,
         decoder_in_channels=[16, 16, 16], decoder_ffn_dim=32, decoder_layers=2, decoder_attention_heads=2,
         num_denoising=4, hidden_expansion=0.5, num_labels=num_labels,
     )
+    common.update(overrides)
     if FAMILIES[network] == "d_fine":
         backbone = transformers.HGNetV2Config(
             stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 64], stage_mid_channels=[8, 8, 16, 16],
@@ -58,9 +64,23 @@ def tiny_config(network: str, num_labels: int):
                                        decoder_n_points=2, **common)
 
 
-def tiny_network(network: str, num_labels: int = 5) -> torch.nn.Module:
-    config = tiny_config(network, num_labels)
-    model_class = transformers.DFineForObjectDetection if FAMILIES[network] == "d_fine" else transformers.RTDetrV2ForObjectDetection
+def tiny_vit_config(network: str, num_labels: int, **overrides):
+    """RF-DETR and LW-DETR: a ViT of 16 px patches in windows, one feature level, 3 query groups."""
+    common = dict(d_model=16, num_queries=12, decoder_layers=2, decoder_self_attention_heads=2, decoder_cross_attention_heads=2,
+                  decoder_n_points=2, decoder_ffn_dim=32, num_labels=num_labels, group_detr=3, c2f_num_blocks=1)
+    common.update(overrides)
+    if FAMILIES[network] == "rf_detr":
+        backbone = dict(model_type="rf_detr_dinov2", hidden_size=16, num_hidden_layers=4, num_attention_heads=2, num_windows=2,
+                        patch_size=16, image_size=64, out_features=["stage1", "stage2", "stage3", "stage4"])
+        return transformers.RfDetrConfig(backbone_config=backbone, **common)
+    backbone = dict(model_type="lw_detr_vit", hidden_size=16, num_hidden_layers=3, num_attention_heads=2, window_block_indices=[0, 2],
+                    out_indices=[1, 2], image_size=256, pretrain_image_size=64)
+    return transformers.LwDetrConfig(backbone_config=backbone, projector_scale_factors=[1.0], **common)
+
+
+def tiny_network(network: str, num_labels: int = 5, **overrides) -> torch.nn.Module:
+    config = tiny_config(network, num_labels, **overrides)
+    model_class = getattr(transformers, MODEL_CLASSES[FAMILIES[network]])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = model_class(config)
@@ -69,6 +89,10 @@ def tiny_network(network: str, num_labels: int = 5) -> torch.nn.Module:
             for param in net.parameters():
                 fan_in = param[0].numel() if param.dim() >= 2 else 1
                 param.add_(torch.randn(param.shape, generator=generator) / fan_in ** 0.5)
+            if FAMILIES[network] in ("rf_detr", "lw_detr"):
+                # Their class head starts at a prior probability of 0.01 (a bias of -4.6): every
+                # score would bunch near it, under any threshold worth comparing at.
+                net.class_embed.bias.zero_()
     return net.eval()
 
 
@@ -93,7 +117,8 @@ def test_weights_folder_resizes_the_head_and_loads_the_rest(pretrained):
     config = model.net.config
     assert config.num_labels == len(CLASSES)
     assert config.id2label == dict(enumerate(CLASSES)) and config.label2id == {n: i for i, n in enumerate(CLASSES)}
-    assert model.net.class_embed[0].out_features == len(CLASSES)
+    head = model.net.class_embed  # one per decoder layer (D-FINE, RT-DETRv2) or one (RF-DETR, LW-DETR)
+    assert (head[0] if isinstance(head, torch.nn.ModuleList) else head).out_features == len(CLASSES)
     saved = non_head(tiny_network(network).state_dict())
     loaded = model.net.state_dict()
     assert saved and all(torch.equal(loaded[k], v) for k, v in saved.items())
@@ -107,6 +132,65 @@ def test_a_safetensors_file_starts_drips_own_architecture(tmp_path):
     assert model.net.config.num_labels == len(CLASSES)
     loaded, saved = model.net.state_dict(), non_head(published.state_dict())
     assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+
+
+def test_the_head_modules_are_the_tensors_that_follow_the_class_count():
+    """hf.HEAD_MODULES names the class head that a start point keeps or starts fresh: exactly the
+    tensors whose shape changes with the number of classes, in every family."""
+    for network in FAMILIES:
+        five, six = (tiny_network(network, n).state_dict() for n in (5, 6))
+        follows = {k for k in five if five[k].shape != six[k].shape}
+        assert follows and follows == {k for k in five if hf._in_head(k)}, network
+
+
+def head_and_rest(model) -> tuple[dict, dict]:
+    state = model.net.state_dict()
+    return ({k: v for k, v in state.items() if hf._in_head(k)}, {k: v for k, v in state.items() if not hf._in_head(k)})
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_class_head_is_kept_only_for_the_same_names_in_the_same_order(pretrained, capsys):
+    network, folder = pretrained
+    names = list(tiny_network(network).config.id2label.values())  # what the checkpoint's head was trained for
+    saved_head, saved_rest = head_and_rest(hf._wrap(tiny_network(network), network))
+    kept = models.build_model(network, len(names) + 1, str(folder), SIZE, classes=names)
+    assert "its class head is kept" in capsys.readouterr().err
+    assert same(head_and_rest(kept)[0], saved_head) and same(head_and_rest(kept)[1], saved_rest)
+
+    reordered = models.build_model(network, len(names) + 1, str(folder), SIZE, classes=names[::-1])
+    assert "tensors of the class head start fresh" in capsys.readouterr().err
+    head, rest = head_and_rest(reordered)
+    assert same(rest, saved_rest) and not any(torch.equal(head[k], saved_head[k]) for k in head if "weight" in k)
+    assert list(reordered.net.config.id2label.values()) == names[::-1]
+
+
+def test_a_drip_model_continues_whole_only_for_the_same_classes(tmp_path, capsys):
+    """The retraining loop: --network model.pt keeps its class head for the same names in the
+    same order; as many classes under other names start a fresh one."""
+    model = hf._wrap(tiny_network("dfine_n", 3), "dfine_n")
+    path = models.export_model(tmp_path / "model.pt", model, "dfine_n", list(CLASSES), SIZE, {})
+    again = models.build_model(str(path), 4, "none", SIZE, classes=list(CLASSES))
+    assert same(again.net.state_dict(), model.net.state_dict())
+    other = models.build_model(str(path), 4, "none", SIZE, classes=["cat", "dog", "bird"])
+    assert "the class head starts fresh" in capsys.readouterr().err
+    head, rest = head_and_rest(other)
+    assert same(rest, head_and_rest(model)[1]) and not same(head, head_and_rest(model)[0])
+    assert list(other.net.config.id2label.values()) == ["cat", "dog", "bird"]
+
+
+def test_weights_of_another_network_are_refused_in_one_line(tmp_path):
+    """A file that would leave more than half of the network at random init is no start point."""
+    other = tiny_network("rtdetr_v2_r18")
+    other.save_pretrained(tmp_path / "rtdetr")
+    with pytest.raises(ModelError, match=r"only \d+ of dfine_n's \d+ tensors are in it; .* pick the --network") as caught:
+        models.build_model("dfine_n", 4, str(tmp_path / "rtdetr" / "model.safetensors"), SIZE)
+    assert "\n" not in str(caught.value)
+    torch.save(other.state_dict(), tmp_path / "rtdetr.pt")
+    with pytest.raises(ModelError, match=r"only \d+ of dfine_n's \d+ tensors are in it"):
+        models.build_model("dfine_n", 4, str(tmp_path / "rtdetr.pt"), SIZE)
 
 
 def test_weights_from_a_folder_of_the_other_family_are_refused(pretrained):
@@ -140,6 +224,45 @@ def test_weights_none_warns_that_detr_models_need_pretraining(capsys):
     assert sum(p.numel() for p in model.parameters()) > 3_000_000  # the real D-FINE-N, not a toy
 
 
+@pytest.mark.parametrize("network", FAMILIES)
+def test_the_losses_add_up_to_transformers_own_total(network):
+    """Drip trains on the sum of the grouped losses: it must be transformers' ``loss`` (LW-DETR's
+    and RF-DETR's ``loss_dict`` is unweighted and holds ``cardinality_error``, a count)."""
+    model = hf._wrap(tiny_network(network), network, image_size=64).train()
+    images = [torch.rand(3, 48, 64), torch.rand(3, 64, 40)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[1.0, 10.0, 30.0, 60.0]]), "labels": torch.tensor([1])}]
+    torch.manual_seed(0)
+    ours = sum(model(images, targets).values())
+    torch.manual_seed(0)
+    theirs = model.net(pixel_values=model._pixels(images), labels=[hf._to_hf_target(t, im) for t, im in zip(targets, images)]).loss
+    assert torch.allclose(ours, theirs, rtol=1e-5), (float(ours), float(theirs))
+
+
+def test_every_detr_network_builds_with_its_published_parameter_count():
+    """The architectures in hf.NETWORKS are the published ones (built on the meta device: no memory,
+    no initialisation): within 10% of the authors' count, which they round (D-FINE-N: 3.7 M as "4")."""
+    for name, spec in hf.NETWORKS.items():
+        config = hf.TRANSFORMERS._config(name, 81)
+        with torch.device("meta"):
+            net = hf._classes(spec.kind)[1](config)
+        params = sum(p.numel() for p in net.parameters()) / 1e6
+        assert abs(params - spec.published.params_m) <= 0.1 * spec.published.params_m, (name, params)
+
+
+def test_rfdetr_xl_and_2xl_are_refused_for_their_licence():
+    for name in ("rfdetr_xl", "rfdetr_2xl"):
+        with pytest.raises(ModelError, match=r"Platform Model License .* Drip offers rfdetr_n, rfdetr_s, rfdetr_m and rfdetr_l") as caught:
+            models.build_model(name, 4, "coco", SIZE)
+        assert "\n" not in str(caught.value)
+
+
+def test_every_detr_network_is_listed_with_its_published_figures():
+    for name in ("rfdetr_n", "rfdetr_s", "rfdetr_m", "rfdetr_l", "lwdetr_t", "lwdetr_s"):
+        published = detectors.published(name)
+        assert published.coco_ap and published.params_m and "T4" in published.latency and published.licence == "Apache-2.0"
+
+
 def test_weights_objects365_only_where_published():
     with pytest.raises(ModelError, match="not published for rtdetr_v2_r18; use one of coco, none"):
         models.build_model("rtdetr_v2_r18", 4, "objects365", SIZE)
@@ -170,10 +293,18 @@ def unmatched(ours: list[dict], theirs: list[dict], threshold: float) -> list[di
 
 @pytest.mark.slow
 def test_train_resume_evaluate_infer_export(pretrained, tmp_path):
-    network, folder = pretrained
+    network, _ = pretrained
     data = tmp_path / "data"
     annotations = make_dataset(data / "my images", 8, size=(160, 120), seed=3)
     write_drip_json(data / "metadata.json", annotations)
+    # The user's own earlier model of these classes, in the label map's order (first seen first):
+    # the retraining loop, whose class head is kept, so its spread scores clear the comparison's
+    # threshold (RF-DETR's and LW-DETR's fresh heads score about 0.01).
+    order = list(dict.fromkeys(label for a in annotations for label in a.labels))
+    folder = tmp_path / f"my {network}"
+    named = tiny_network(network, len(order))
+    named.config.id2label, named.config.label2id = dict(enumerate(order)), {n: i for i, n in enumerate(order)}
+    named.save_pretrained(folder)
     session = tmp_path / "pipe line"
     common = ["--runtime", "local", "--network", network, "--weights", str(folder), "--image_size", str(SIZE),
               "--batch_size", "2", "--checkpoint_every", "2", "--num_workers", "0", "--device", "cpu",
@@ -182,6 +313,7 @@ def test_train_resume_evaluate_infer_export(pretrained, tmp_path):
               "--image_folder_path", str(data / "my images")]
     out = starter("training_starter.py", *common, "--number_of_steps", "2")
     assert "grad_clip 0.1" in out.stderr and "optimizer adamw" in out.stderr
+    assert "its class head is kept" in out.stderr
     dl = session / "dl"
     first = torch.load(dl / "model.pt", map_location="cpu", weights_only=True)
     hf_config = json.loads(first["structure"]["hf_config"])
@@ -237,3 +369,75 @@ def test_train_resume_evaluate_infer_export(pretrained, tmp_path):
             assert not unmatched(theirs, ours, threshold / 100), entry["image"]
             compared += len(ours)
     assert compared >= 8, "the model found too little to compare"
+
+
+# -- several processes ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_processes_train_on_tiles_with_a_rank_whose_slice_is_background_only(tmp_path):
+    """Under torchrun (gloo, two processes), the published D-FINE-N on 128 px tiles (fewer anchors
+    than its 300 queries), with steps whose slice on one rank holds no box: transformers then
+    skips the denoising queries there, and without the zero gradient Drip adds, DDP stops at the
+    next step ("Expected to have finished reduction in the prior iteration")."""
+    from dataclasses import replace
+
+    data = tmp_path / "data"
+    annotations = make_dataset(data / "images", 8, size=(192, 144), seed=5)
+    # Every other image is background only: each step's 2 images are one per rank.
+    annotations = [replace(a, boxes=[], labels=[]) if i % 2 else a for i, a in enumerate(annotations)]
+    write_drip_json(data / "metadata.json", annotations)
+    session = tmp_path / "session"
+    out = starter("training_starter.py", "--runtime", "local", "--network", "dfine_n", "--weights", "none",
+                  "--image_size", "128", "--tile_size", "128", "--batch_size", "2", "--number_of_steps", "4",
+                  "--checkpoint_every", "4", "--eval_every", "0", "--augmentations", "0", "--num_workers", "0",
+                  "--device", "cpu", "--nproc_per_node", "2", "--session_folder", str(session),
+                  "--src_json_path", str(data / "metadata.json"), "--image_folder_path", str(data / "images"))
+    assert "weights identical on all 2 ranks" in out.stderr
+    assert torch.load(session / "dl" / "model.pt", map_location="cpu", weights_only=True)["last_step"] == 4
+
+
+# -- --weights coco, downloaded from a local Hub --------------------------------------------------------
+BUILD_FROM_COCO = """
+import json, sys, torch
+from drip.detectors import models
+model = models.build_model("dfine_n", 4, "coco", 64, cache_dir=sys.argv[1], classes=["circle", "square", "triangle"])
+print(json.dumps({"id2label": model.net.config.id2label, "head": model.net.class_embed[0].out_features}))
+torch.save(model.net.state_dict(), sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_weights_coco_downloads_caches_and_resizes_the_head_through_the_hub_api(tmp_path):
+    """``--weights coco`` as a user runs it, the Hub replaced by a local server speaking its HTTP API
+    (HF_ENDPOINT): the download into the session cache, the head resized for the session's classes,
+    and a second build from the cache alone once the server is gone."""
+    from hub_server import Hub
+
+    repo = hf.NETWORKS["dfine_n"].hub["coco"]
+    published = tiny_network("dfine_n", 80)
+    published.config.id2label = {i: f"coco_{i}" for i in range(80)}
+    published.config.label2id = {f"coco_{i}": i for i in range(80)}
+    published.save_pretrained(tmp_path / "repo")
+    cache = tmp_path / "session cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    hub = Hub({repo: tmp_path / "repo"})
+    try:
+        first = subprocess.run([sys.executable, "-c", BUILD_FROM_COCO, str(cache), str(tmp_path / "first.pt")],
+                               capture_output=True, text=True, env={**env, "HF_ENDPOINT": hub.endpoint}, timeout=300)
+    finally:
+        hub.close()
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"GET /{repo}/resolve/main/model.safetensors" in hub.requests, hub.requests
+    assert list((cache / "huggingface").glob("models--*/snapshots/*/model.safetensors"))
+    built = json.loads(first.stdout.strip().splitlines()[-1])
+    assert built == {"id2label": {"0": "circle", "1": "square", "2": "triangle"}, "head": 3}
+    assert "tensors of the class head start fresh" in first.stderr
+    state = torch.load(tmp_path / "first.pt", weights_only=True)
+    assert same({k: v for k, v in state.items() if not hf._in_head(k)},
+                {k: v for k, v in published.state_dict().items() if not hf._in_head(k)})
+
+    # The server is gone (its port refuses): the cache alone serves the same start point.
+    second = subprocess.run([sys.executable, "-c", BUILD_FROM_COCO, str(cache), str(tmp_path / "second.pt")],
+                            capture_output=True, text=True, env={**env, "HF_ENDPOINT": hub.endpoint}, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = torch.load(tmp_path / "second.pt", weights_only=True)
+    assert same({k: v for k, v in again.items() if not hf._in_head(k)}, {k: v for k, v in state.items() if not hf._in_head(k)})

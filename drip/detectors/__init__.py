@@ -55,6 +55,8 @@ def family(network: str) -> Family:
     for candidate in FAMILIES:
         if name in candidate.networks:
             return candidate
+        if name in candidate.refused:
+            raise ModelError(f"--network {network}: {candidate.refused[name]}")
     known = network_names()
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.4)
     hint = f"did you mean {close[0]!r}? " if close else ""

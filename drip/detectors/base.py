@@ -48,6 +48,7 @@ class Family:
 
     name = "family"
     networks: dict[str, Any] = {}  # network name -> the family's own description of it
+    refused: dict[str, str] = {}  # names known but not offered (a licence) -> why, in one line
     start_points: tuple[str, ...] = ("coco", "none")
 
     # -- building ------------------------------------------------------------------------------

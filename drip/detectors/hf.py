@@ -1,4 +1,4 @@
-"""D-FINE and RT-DETRv2 from Hugging Face ``transformers`` behind the contract.
+"""D-FINE, RT-DETRv2, RF-DETR and LW-DETR from Hugging Face ``transformers`` behind the contract.
 
 ``transformers`` is imported only when a network of these families is built: the registry below
 (names, published figures, recipe) is plain data, so ``drip networks`` and everything that never
@@ -6,12 +6,13 @@ builds one of them stay as fast as before.
 
 The network is wrapped in ``HFDetector``, which gives it torchvision's calling convention
 (``drip.detectors.base``): the wrapper stretches each image to the square ``image_size`` the
-authors train at (640), feeds pixels in 0..1 as their image processor does (no normalisation),
-turns Drip's targets (xyxy pixels, labels from 1) into the normalised cxcywh boxes and 0-based
-labels of ``transformers``' losses, and turns the query logits back into the best-scoring
-(query, class) pairs as boxes in the input image's pixels, the same top-k over sigmoid scores as
-the authors' post-processor. That post-processing is plain tensor arithmetic, so it is part of the
-exported ONNX graph.
+authors train at (640 for D-FINE and RT-DETRv2, rounded up to what the network's feature maps
+need), feeds pixels as their image processor does (0..1 for D-FINE and RT-DETRv2, normalised with
+ImageNet's mean and deviation for RF-DETR and LW-DETR), turns Drip's targets (xyxy pixels, labels
+from 1) into the normalised cxcywh boxes and 0-based labels of ``transformers``' losses, and turns
+the query logits back into the best-scoring (query, class) pairs as boxes in the input image's
+pixels, the same top-k over sigmoid scores as the authors' post-processor. That post-processing
+is plain tensor arithmetic, so it is part of the exported ONNX graph.
 
 Weights: ``--weights coco`` (and ``objects365``: the authors' Objects365-pretrained, COCO-trained
 ``obj2coco`` checkpoints, where published) downloads the
@@ -157,7 +158,67 @@ NETWORKS: dict[str, HFSpec] = {
     ),
 }
 
-# The authors' gradient clipping (clip_max_norm 0.1 in both families' configs).
+# RF-DETR and LW-DETR: a windowed ViT (RF-DETR's a DINOv2), a C2f projector and a shallow deformable
+# decoder trained with Group DETR. Architectures as transformers' conversion scripts set them
+# (convert_rf_detr_weights_to_hf.py, convert_lw_detr_to_hf.py); built here they have the published
+# parameter counts. Learning rate: RF-DETR's training defaults (AdamW at 1e-4 for a total batch of
+# 16, 4 x 4 accumulated; the encoder at 1.5e-4 with a layer-wise decay of 0.8, which Drip does not
+# reproduce: the backbone runs at the base rate). LW-DETR, RF-DETR's predecessor, is given the same
+# (not checked against its own scripts).
+_RFDETR_SOURCE = "RF-DETR docs (rfdetr.roboflow.com, detection): COCO val2017 AP50:95, T4 TensorRT FP16 latency"
+_LWDETR_SOURCE = "LW-DETR README (Atten4Vis/LW-DETR, main results): COCO val2017 mAP, T4 TensorRT FP16 latency"
+_RFDETR_DECODER = {"d_model": 256, "num_queries": 300, "decoder_self_attention_heads": 8,
+                   "decoder_cross_attention_heads": 16, "decoder_n_points": 2}
+_RFDETR_BACKBONE = {"model_type": "rf_detr_dinov2", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+                    "num_windows": 2, "patch_size": 16, "out_features": ["stage3", "stage6", "stage9", "stage12"]}
+_LWDETR_DECODER = {"projector_scale_factors": [1.0], "decoder_layers": 3, "decoder_self_attention_heads": 8,
+                   "decoder_cross_attention_heads": 16, "decoder_n_points": 2, "d_model": 256}
+_LWDETR_BACKBONE = {"model_type": "lw_detr_vit", "image_size": 1024, "hidden_size": 192, "num_attention_heads": 12}
+
+
+def _vit_detr(kind: str, repo: str, ap: float, ms: float, params: float, source: str, about: str, config, backbone) -> HFSpec:
+    """An RF-DETR or LW-DETR size: Apache-2.0, COCO weights in ``repo``, RF-DETR's learning rate."""
+    published = Published(ap, f"{ms} ms (T4, TensorRT FP16)", params, "Apache-2.0", source)
+    return HFSpec(kind, {"coco": repo}, 1e-4, 16, 1.0, published, about, config, backbone)
+
+
+NETWORKS.update({
+    f"rfdetr_{size}": _vit_detr(
+        "rf_detr", f"Roboflow/rf-detr-{name}", ap, ms, params, _RFDETR_SOURCE,
+        f"RF-DETR-{size.upper()}, DINOv2-S windowed ViT at {resolution} px (COCO box AP {ap})",
+        {**_RFDETR_DECODER, "decoder_layers": layers}, {**_RFDETR_BACKBONE, "image_size": resolution},
+    )
+    for size, name, ap, ms, params, resolution, layers in (
+        ("n", "nano", 48.4, 2.3, 30.5, 384, 2), ("s", "small", 53.0, 3.5, 32.1, 512, 3),
+        ("m", "medium", 54.7, 4.4, 33.7, 576, 4), ("l", "large", 56.5, 6.8, 33.9, 704, 4),
+    )
+})
+NETWORKS.update({
+    f"lwdetr_{size}": _vit_detr(
+        "lw_detr", f"AnnaZhang/lwdetr_{name}_60e_coco", ap, ms, params, _LWDETR_SOURCE,
+        f"LW-DETR-{name}, {layers}-layer ViT-T, Objects365-pretrained (COCO box AP {ap})",
+        {**_LWDETR_DECODER, "num_queries": queries},
+        {**_LWDETR_BACKBONE, "num_hidden_layers": layers, "window_block_indices": windowed, "out_indices": out},
+    )
+    for size, name, ap, ms, params, layers, windowed, out, queries in (
+        ("t", "tiny", 42.6, 2.0, 12.1, 6, [0, 2, 4], [1, 3, 5], 100),
+        ("s", "small", 48.0, 2.9, 14.6, 10, [0, 1, 3, 6, 7, 9], [2, 4, 5, 9], 300),
+    )
+})
+# Named so that asking for them says why they are not offered, instead of "not a network".
+REFUSED = {
+    f"rfdetr_{size}": (
+        f"RF-DETR-{size.upper()} is published under Roboflow's Platform Model License (PML 1.0, the rfdetr_plus "
+        "package, a Roboflow account), not Apache-2.0: Drip offers rfdetr_n, rfdetr_s, rfdetr_m and rfdetr_l"
+    )
+    for size in ("xl", "2xl")
+}
+# The families whose pixels the authors normalise with ImageNet's mean and deviation (their image
+# processors: RfDetrImageProcessor, DeformableDetrImageProcessor); D-FINE and RT-DETRv2 take 0..1.
+_IMAGENET_NORMALISED = ("rf_detr", "lw_detr")
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# The authors' gradient clipping (clip_max_norm 0.1 in every family's config).
 GRAD_CLIP = 0.1
 _SCRATCH_WARNING = (
     "{network} with --weights none starts from random weights: DETR-family detectors learn "
@@ -179,12 +240,20 @@ def _classes(kind: str):
             from transformers import DFineConfig, DFineForObjectDetection
 
             return DFineConfig, DFineForObjectDetection
+        if kind == "rf_detr":
+            from transformers import RfDetrConfig, RfDetrForObjectDetection
+
+            return RfDetrConfig, RfDetrForObjectDetection
+        if kind == "lw_detr":
+            from transformers import LwDetrConfig, LwDetrForObjectDetection
+
+            return LwDetrConfig, LwDetrForObjectDetection
         from transformers import RTDetrV2Config, RTDetrV2ForObjectDetection
 
         return RTDetrV2Config, RTDetrV2ForObjectDetection
     except ImportError as exc:
         raise ModelError(
-            f"the D-FINE and RT-DETRv2 networks need the transformers package ({exc}); "
+            f"the DETR-family networks need the transformers package ({exc}); "
             "pip install -r requirements.txt"
         ) from None
 
@@ -199,10 +268,36 @@ class HFDetector(nn.Module):
         self.image_size = int(image_size)
         self.score_thresh = DEFAULT_SCORE_FLOOR
         self.detections_per_img = DETECTIONS_PER_IMAGE
+        self.normalised = getattr(net.config, "model_type", "") in _IMAGENET_NORMALISED
+
+    @property
+    def side(self) -> int:
+        """The network's square input: ``image_size`` rounded up to the multiple its feature maps
+        need (``geometry``). Each map is then exactly the input over its stride, so D-FINE's
+        upsampled coarse map meets the finer one (at 200 px a 7x7 map, doubled, would not meet the
+        13x13 one) and a ViT's windows tile it. The stretch to a square already changes the
+        aspect, so the few extra pixels change nothing else: boxes come back normalised.
+
+        RF-DETR and LW-DETR lay out their Group DETR queries per group, so their query count
+        cannot be clamped (``queries_for``): their input is at least the smallest side whose
+        anchors cover their queries (RF-DETR-N: 288 px, 18x18 patches for 300 queries).
+        """
+        config = self.net.config
+        multiple, clamps = geometry(config)
+        side = max(1, math.ceil(self.image_size / multiple)) * multiple
+        if not clamps:
+            while anchors_at(config, side) < config.num_queries:
+                side += multiple
+        return side
 
     def _pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
-        return torch.cat([F.interpolate(im[None], size=size, mode="bilinear", align_corners=False) for im in images])
+        size = (self.side, self.side)
+        pixels = torch.cat([F.interpolate(im[None], size=size, mode="bilinear", align_corners=False) for im in images])
+        if self.normalised:
+            mean = pixels.new_tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
+            std = pixels.new_tensor(_IMAGENET_STD).view(1, 3, 1, 1)
+            pixels = (pixels - mean) / std
+        return pixels
 
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
         pixels = self._pixels(images)
@@ -210,13 +305,31 @@ class HFDetector(nn.Module):
             if targets is None:
                 raise ValueError("HFDetector in train mode needs targets")
             labels = [_to_hf_target(t, im) for t, im in zip(targets, images)]
-            out = self.net(pixel_values=pixels, labels=labels)
-            return _grouped_losses(out.loss_dict)
-        out = self.net(pixel_values=pixels)
+            with queries_for(self.net, self.side):
+                out = self.net(pixel_values=pixels, labels=labels)
+            losses = _grouped_losses(out.loss_dict, _loss_weights(self.net.config))
+            first = next(iter(losses))  # the same names on every rank: their mean is reduced by name
+            losses[first] = losses[first] + self._touch_every_parameter()
+            return losses
+        with queries_for(self.net, self.side):
+            out = self.net(pixel_values=pixels)
         return [
             self._detections(out.logits[i], out.pred_boxes[i], im)
             for i, im in enumerate(images)
         ]
+
+    def _touch_every_parameter(self) -> torch.Tensor:
+        """Zero, reached from every trainable parameter.
+
+        With no box in the batch, transformers skips D-FINE's and RT-DETRv2's denoising queries,
+        so their class embedding gets no gradient; RF-DETR's backbone keeps a mask token it never
+        uses, LW-DETR-T a ViT block past its last output. Under DDP a parameter without a gradient
+        on one rank is never reduced, and DDP stops at the next step (a rank whose slice is
+        background only is common: tiling and Drip keep such images on purpose). This gives each
+        a zero gradient instead, what ``find_unused_parameters`` would reduce for it, without its
+        graph walk on every step.
+        """
+        return sum((p.sum() for p in self.net.parameters() if p.requires_grad), torch.zeros(())) * 0.0
 
     def _detections(self, logits: torch.Tensor, boxes: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Top ``detections_per_img`` (query, class) pairs by sigmoid score, as the authors'
@@ -235,6 +348,56 @@ class HFDetector(nn.Module):
         return {"boxes": xyxy[keep], "labels": labels[keep], "scores": top[keep]}
 
 
+def geometry(config) -> tuple[int, bool]:
+    """(the multiple the input side must be, whether the queries may be clamped to the anchors).
+
+    D-FINE and RT-DETRv2: their coarsest stride; queries clamp. RF-DETR and LW-DETR: a ViT of
+    ``patch_size`` patches in windows, ``num_windows`` a side (RF-DETR) or in all (LW-DETR, a
+    square); their queries are laid out per Group DETR group and do not clamp.
+    """
+    if hasattr(config, "feat_strides"):
+        return max(config.feat_strides), True
+    backbone = config.backbone_config
+    per_side = backbone.num_windows if config.model_type == "rf_detr" else math.isqrt(backbone.num_windows)
+    return backbone.patch_size * per_side, False
+
+
+def _strides(config) -> list[float]:
+    if hasattr(config, "feat_strides"):
+        return list(config.feat_strides)
+    patch = config.backbone_config.patch_size
+    scales = getattr(config, "projector_scale_factors", None) or [1.0]  # RF-DETR: one level, at the patches
+    return [patch / scale for scale in scales]
+
+
+def anchors_at(config, side: int) -> int:
+    """The encoder positions (anchors) of a square input ``side`` pixels wide (``HFDetector.side``):
+    each feature level's map is the input divided by its stride, rounded up (stride-2
+    convolutions with padding)."""
+    return sum(math.ceil(side / stride) ** 2 for stride in _strides(config))
+
+
+@contextlib.contextmanager
+def queries_for(net: nn.Module, image_size: int) -> Iterator[None]:
+    """``net``'s queries no more than the anchors at ``image_size``, for one forward.
+
+    The encoder keeps its ``num_queries`` best-scoring anchors as the decoder's queries
+    (``torch.topk``): at 224 px D-FINE-N's two levels give 14x14 + 7x7 = 245 anchors, fewer than
+    its 300 queries. The authors' code fixes the anchors to its 640 px and so never meets this;
+    with fewer anchors than queries every anchor becomes a query (their ``num_top_queries``
+    post-processing is already bounded by the queries, ``_detections``). The configured count is
+    put back afterwards: the model file keeps it, and a larger size gets all of them again.
+    """
+    config = net.config
+    wanted = config.num_queries
+    if geometry(config)[1]:
+        config.num_queries = max(1, min(wanted, anchors_at(config, image_size)))
+    try:
+        yield
+    finally:
+        config.num_queries = wanted
+
+
 def _to_hf_target(target: dict[str, torch.Tensor], image: torch.Tensor) -> dict[str, torch.Tensor]:
     """Drip's target (xyxy pixels of ``image``, labels from 1) -> transformers' (normalised cxcywh,
     labels from 0)."""
@@ -249,14 +412,31 @@ def _to_hf_target(target: dict[str, torch.Tensor], image: torch.Tensor) -> dict[
 _LOSS_NAME = re.compile(r"^(loss_[a-z]+)")
 
 
-def _grouped_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _loss_weights(config) -> dict[str, float]:
+    """The weights transformers' loss gives each kind. D-FINE's and RT-DETRv2's ``loss_dict`` is
+    weighted already; LW-DETR's (RF-DETR's too) is not, and also holds ``cardinality_error``, a
+    count that is no loss (transformers' ``loss_lw_detr.py``)."""
+    if getattr(config, "model_type", "") in ("rf_detr", "lw_detr"):
+        return {"loss_ce": config.class_loss_coefficient, "loss_bbox": config.bbox_loss_coefficient,
+                "loss_giou": config.giou_loss_coefficient}
+    return {}
+
+
+def _grouped_losses(loss_dict: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """transformers reports each loss per decoder layer, denoising group and encoder output
-    (``loss_vfl_aux_0``, ``loss_bbox_dn_2``, ...), already weighted; summed here per kind, so the
-    total is the same and TensorBoard shows a handful of curves."""
+    (``loss_vfl_aux_0``, ``loss_bbox_dn_2``, ``loss_ce_enc``, ...); weighted as its own total is
+    (``weights``: none where ``loss_dict`` is weighted already) and summed here per kind, so the
+    total is transformers' ``loss`` and TensorBoard shows a handful of curves."""
     grouped: dict[str, torch.Tensor] = {}
     for name, value in loss_dict.items():
         match = _LOSS_NAME.match(name)
-        key = match.group(1) if match else name
+        if match is None:
+            continue  # cardinality_error and the like: reported, not trained on
+        key = match.group(1)
+        if weights:
+            if key not in weights:
+                continue  # as transformers' own total: only the weighted kinds count
+            value = value * weights[key]
         grouped[key] = grouped[key] + value if key in grouped else value
     return grouped
 
@@ -264,6 +444,7 @@ def _grouped_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 class Transformers(Family):
     name = "transformers"
     networks = NETWORKS
+    refused = REFUSED
     start_points = ("coco", "objects365", "none")
 
     def owns(self, model: nn.Module) -> bool:
@@ -279,6 +460,11 @@ class Transformers(Family):
     def _config(self, network: str, num_classes: int, classes=None):
         spec = NETWORKS[network]
         config_class, _ = _classes(spec.kind)
+        if spec.kind in _IMAGENET_NORMALISED:
+            # A ViT config derives its windows from its outputs when it is made: given whole.
+            config = config_class(backbone_config=dict(spec.backbone), **spec.config)
+            _set_labels(config, num_classes, classes)
+            return config
         config = config_class(**spec.config)
         for key, value in spec.backbone.items():
             setattr(config.backbone_config, key, value)
@@ -314,14 +500,10 @@ class Transformers(Family):
 
     def replace_head(self, model: nn.Module, network: str, num_classes: int, classes=None) -> None:
         """A fresh head for ``num_classes``: the network rebuilt from its own config with the new
-        class count, every weight that still fits loaded back."""
+        class count and names, every weight but the class head's loaded back."""
         config = model.net.config.__class__.from_dict(model.net.config.to_dict())
         _set_labels(config, num_classes, classes)
-        fresh = type(model.net)(config)
-        own = fresh.state_dict()
-        fits = {k: v for k, v in model.net.state_dict().items() if k in own and own[k].shape == v.shape}
-        fresh.load_state_dict(fits, strict=False)
-        model.net = _ready(fresh)
+        model.net = _ready(_fresh_head(model.net, config))
 
     def from_weights_file(self, network: str, num_classes: int, path, cache_dir, source: str, classes=None) -> nn.Module:
         spec = NETWORKS[network]
@@ -344,6 +526,9 @@ class Transformers(Family):
         model = self.skeleton(network, num_classes, classes)
         if not any(k.startswith("net.") for k in state):
             state = {f"net.{k}": v for k, v in state.items()}  # a transformers state_dict, not Drip's
+        own = model.state_dict()
+        fits = [k for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)]
+        _refuse_mostly_fresh(len(own) - len(fits), len(own), source, network)
         load_matching(model, state, source, network)
         return model
 
@@ -406,7 +591,25 @@ class Transformers(Family):
 
     @contextlib.contextmanager
     def onnx_export(self, model: nn.Module) -> Iterator[nn.Module]:
-        yield model
+        """RF-DETR's DINOv2 resamples its position table to the input on every forward (bicubic
+        with antialiasing, which ONNX opset 17 cannot express); the exported model takes one size
+        (``side``), so the table is resampled once here and traced as a constant."""
+        fixed = []
+        side = model.side
+        for module in model.net.modules():
+            if not (hasattr(module, "interpolate_pos_encoding") and hasattr(module, "position_embeddings")):
+                continue
+            patch = module.patch_size if isinstance(module.patch_size, int) else module.patch_size[0]
+            table = module.position_embeddings
+            with torch.no_grad():
+                table = module.interpolate_pos_encoding(table.new_zeros(1, (side // patch) ** 2 + 1, table.shape[-1]), side, side)
+            module.interpolate_pos_encoding = lambda embeddings, height, width, table=table: table
+            fixed.append(module)
+        try:
+            yield model
+        finally:
+            for module in fixed:
+                del module.interpolate_pos_encoding
 
 
 def _backbone_scale(model: HFDetector) -> float:
@@ -414,10 +617,50 @@ def _backbone_scale(model: HFDetector) -> float:
     return spec.backbone_lr_scale if spec is not None else 0.1
 
 
+def _label_names(num_classes: int, classes=None) -> list[str]:
+    """The class names a network for ``num_classes`` carries (id2label, from 0)."""
+    if classes is not None and len(classes) == num_classes - 1:
+        return [str(name) for name in classes]
+    return [f"class_{i}" for i in range(1, num_classes)]
+
+
+def _names_in(config) -> list[str]:
+    """A config's classes in id order (a Hub config.json keys id2label by strings)."""
+    return [str(name) for _, name in sorted((int(k), v) for k, v in (config.id2label or {}).items())]
+
+
+# The modules whose tensors are per class: the decoder's and encoder's class heads (RF-DETR keeps
+# one encoder head per query group) and the denoising queries' class embedding. A test checks
+# that these are exactly the tensors whose shape follows num_labels, in every family.
+HEAD_MODULES = ("class_embed", "enc_score_head", "enc_out_class_embed", "denoising_class_embed")
+
+
+def _in_head(key: str) -> bool:
+    return any(part in HEAD_MODULES for part in key.split("."))
+
+
+def _fresh_head(net: nn.Module, config) -> nn.Module:
+    """``net`` rebuilt from ``config`` (its class head initialised as transformers does), every
+    tensor outside the class head loaded back."""
+    fresh = type(net)(config)
+    own = fresh.state_dict()
+    kept = {k: v for k, v in net.state_dict().items() if not _in_head(k) and k in own and own[k].shape == v.shape}
+    fresh.load_state_dict(kept, strict=False)
+    return fresh
+
+
+def _refuse_mostly_fresh(unloaded: int, total: int, what: str, network: str) -> None:
+    """A weights file that leaves more than half of the network's tensors at random init is not a
+    start point of it (another architecture, another size): refused, not trained on quietly."""
+    if total and unloaded * 2 > total:
+        raise ModelError(
+            f"{what}: only {total - unloaded} of {network}'s {total} tensors are in it; it holds the weights of "
+            "another network or size: pick the --network it was made for"
+        )
+
+
 def _set_labels(config, num_classes: int, classes=None) -> None:
-    names = list(classes) if classes is not None and len(classes) == num_classes - 1 else [
-        f"class_{i}" for i in range(1, num_classes)
-    ]
+    names = _label_names(num_classes, classes)
     config.num_labels = num_classes - 1
     config.id2label = {i: str(name) for i, name in enumerate(names)}
     config.label2id = {str(name): i for i, name in enumerate(names)}
@@ -450,14 +693,25 @@ def _from_pretrained(network: str, where, num_classes: int, classes=None, cache_
     kwargs = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
     config = config_class.from_pretrained(str(where), **kwargs)
     _check_model_type(None, config_class.model_type, what, getattr(config, "model_type", None))
+    theirs, ours = _names_in(config), _label_names(num_classes, classes)
     _set_labels(config, num_classes, classes)
     net, report = model_class.from_pretrained(
         str(where), config=config, ignore_mismatched_sizes=True, use_safetensors=True, output_loading_info=True, **kwargs
     )
     fresh = [str(k[0] if isinstance(k, tuple) else k) for k in report.get("mismatched_keys", [])]
     missing = [str(k) for k in report.get("missing_keys", [])]
-    if fresh:
-        console.info(f"{what}: {len(fresh)} tensors start fresh for {num_classes - 1} classes (the class head): {names(fresh)}")
+    _refuse_mostly_fresh(len(set(fresh + missing)), len(net.state_dict()), what, network)
+    if theirs == ours:
+        console.info(f"{what}: its class head is kept: its {len(theirs)} classes are this session's, in the same order")
+    else:
+        # Same names in the same order, or a fresh head: COCO's "person" head would otherwise
+        # score a user's 80th class by position (the counts alone can agree). Where the counts
+        # differ, every head tensor's shape did, and transformers initialised it fresh already.
+        if len(theirs) == len(ours):
+            net = _fresh_head(net, net.config)
+        head = [k for k in net.state_dict() if _in_head(k)]
+        differ = f"its {len(theirs)} classes ({names(theirs, 3)}) are not this session's {len(ours)} ({names(ours, 3)})"
+        console.info(f"{what}: {len(head)} tensors of the class head start fresh: {differ}")
     if missing:
         console.info(f"{what}: {len(missing)} tensors of {network} are not in the checkpoint and start fresh: {names(missing)}")
     return _wrap(net, network)

@@ -175,6 +175,15 @@ def _from_model_file(path: Path, num_classes: int, classes: list[str] | None = N
             f"--network {path}: trained for {meta['num_classes'] - 1} classes, this session has "
             f"{num_classes - 1}: the class head starts fresh, the rest continues"
         )
+    elif classes is not None and [str(c) for c in classes] != [str(c) for c in meta["classes"]]:
+        # As many classes, other names or another order: the head scores by position, so keeping
+        # it would call a user's first class by the model's first. Same names, same order: the
+        # retraining loop continues it whole.
+        detectors.replace_head(model, meta["network"], num_classes, classes)
+        console.info(
+            f"--network {path}: trained for the classes {', '.join(map(str, meta['classes']))}, this session "
+            f"has {', '.join(map(str, classes))}: the class head starts fresh, the rest continues"
+        )
     return model
 
 
