@@ -58,9 +58,9 @@ def _unavailable(reason: str):
 
 
 def _answers() -> bool:
-    from drip import launcher
+    from drip import cli
 
-    return launcher.docker_unavailable_reason() is None
+    return cli.docker_unavailable_reason() is None
 
 
 @pytest.fixture(scope="session")
