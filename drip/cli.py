@@ -328,11 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(add_audit_flags(sub.add_parser(
         "audit", help="find wrong, missing and bad labels with out-of-fold models, then train",
         description=AUDIT_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
-    )), "audit")
+    )), "audit", default="local")
     add_runtime_flags(add_select_flags(sub.add_parser(
         "select", help="choose the unlabelled images worth labelling next",
         description=SELECT_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
-    )), "select")
+    )), "select", default="local")
     report = sub.add_parser(
         "report", help="draw a session's report (pictures and index.html) again",
         description=REPORT_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
@@ -462,15 +462,17 @@ def _port(value: str) -> int:
     raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535, or 0 for none)")
 
 
-def add_runtime_flags(p: argparse.ArgumentParser, command: str = "train") -> None:
+def add_runtime_flags(p: argparse.ArgumentParser, command: str = "train", default: str = "auto") -> None:
+    """``--runtime`` and the Docker runtime's flags. The starters default to ``auto``; the ``drip``
+    command, which otherwise runs in this Python, to ``local``."""
     g = p.add_argument_group("runtime")
     g.add_argument(
         "--runtime",
         choices=RUNTIMES,
-        default=os.environ.get("DRIP_RUNTIME", "auto"),
+        default=os.environ.get("DRIP_RUNTIME", default),
         help="Where the stages run: 'docker' in Drip's container (GPU through the NVIDIA "
         "Container Toolkit), 'local' in this Python, 'auto' = docker when a Docker engine "
-        "answers, else local (default: auto, or $DRIP_RUNTIME)",
+        f"answers, else local (default: {default}, or $DRIP_RUNTIME)",
     )
     # Docker-only flags default to SUPPRESS: the namespace then tells whether the user gave
     # one, and --runtime local can say that it has no effect.

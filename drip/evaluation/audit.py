@@ -95,7 +95,7 @@ class Issue:
 # -- folds ----------------------------------------------------------------------------------------
 def assign_folds(images: Sequence[ImageLabels], folds: int, seed: int = 0) -> list[int]:
     """The fold (0..folds-1) of each image, so that every class has boxes in at least two folds
-    (every fold's model then trains on every class) and folds are of even size.
+    (every fold's model then trains on every class) and folds differ in size by one at most.
 
     Rarest classes are placed first, each image into the fold that has the fewest images of its
     rarest class, then the fewest images. An InputError when it cannot be done.
@@ -130,15 +130,23 @@ def assign_folds(images: Sequence[ImageLabels], folds: int, seed: int = 0) -> li
     order.sort(key=lambda i: rarest[i])
     fold_of = [0] * len(images)
     sizes = [0] * folds
+    full = -(-len(images) // folds)
     per_class = {name: [0] * folds for name in counts}
     for i in order:
         names = sorted(set(images[i].labels), key=lambda name: counts[name])
-        key = (lambda f: (per_class[names[0]][f], sizes[f], f)) if names else (lambda f: (sizes[f], f))
+        # A full fold only when all are: sizes differ by one at most.
+        key = (lambda f: (sizes[f] >= full, per_class[names[0]][f], sizes[f], f)) if names else (lambda f: (sizes[f], f))
         fold = min(range(folds), key=key)
         fold_of[i] = fold
         sizes[fold] += 1
         for name in names:
             per_class[name][fold] += 1
+    for name, spread in per_class.items():
+        if sum(1 for n in spread if n) < 2:
+            raise InputError(
+                f"class {name!r} has boxes in one of the {folds} folds only, so one fold's model never sees it; "
+                "label more of it or use fewer --folds"
+            )
     return fold_of
 
 
