@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--select-labelled", type=int, default=40)
     p.add_argument("--select-pool", type=int, default=120)
     p.add_argument("--select-count", type=int, default=20)
+    p.add_argument("--network", default=NETWORK, help="the detector (default: the held-out check's, Drip's default)")
+    p.add_argument("--roi-samples", type=int, default=None,
+                   help="--box_batch_size_per_image (default: the network's, 512): 128 makes a CPU step much faster")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
@@ -151,7 +154,8 @@ def score_issues(issues: list[dict], faults: list[dict]) -> dict:
 
 
 def train_flags(args, steps=None) -> list[str]:
-    return ["--network", NETWORK, "--weights", "none", "--image_size", str(args.image_size), "--device", "cpu",
+    roi = ["--box_batch_size_per_image", str(args.roi_samples)] if args.roi_samples else []
+    return [*roi, "--network", args.network, "--weights", "none", "--image_size", str(args.image_size), "--device", "cpu",
             "--number_of_steps", str(steps or args.steps), "--num_workers", "0"]
 
 

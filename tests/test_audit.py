@@ -46,6 +46,8 @@ def test_each_kind_is_found_on_the_image_that_has_it():
         one("wrong.jpg", [CIRCLE, SQUARE], ["square", "square"], [CIRCLE, SQUARE], ["circle", "square"], [0.9, 0.9]),
         one("moved.jpg", [[25, 10, 55, 40], SQUARE], ["circle", "square"], [CIRCLE, SQUARE], ["circle", "square"],
             [0.9, 0.9]),
+        one("off.jpg", [[45, 10, 75, 40], SQUARE], ["circle", "square"], [CIRCLE, SQUARE], ["circle", "square"],
+            [0.9, 0.9]),
         one("far.jpg", [[150, 150, 180, 180], SQUARE], ["circle", "square"], [CIRCLE, SQUARE], ["circle", "square"],
             [0.9, 0.9]),
         one("twice.jpg", [CIRCLE, [11, 10, 40, 41], SQUARE], ["circle", "circle", "square"], [CIRCLE, SQUARE],
@@ -62,8 +64,10 @@ def test_each_kind_is_found_on_the_image_that_has_it():
     assert by_image["wrong.jpg"].box == CIRCLE and by_image["wrong.jpg"].index == 0
     assert kinds_of(audit, "moved.jpg") == ["bad_box"]
     assert by_image["moved.jpg"].box == [25, 10, 55, 40] and by_image["moved.jpg"].suggested_box == CIRCLE
-    # A box moved off its object entirely: one bad box, not a spurious box and a missing one.
-    assert kinds_of(audit, "far.jpg") == ["bad_box"]
+    # A box moved just off its object: one bad box, not a spurious box and a missing one.
+    assert kinds_of(audit, "off.jpg") == ["bad_box"] and by_image["off.jpg"].suggested_box == CIRCLE
+    # Far away, the two are not taken for one another: an object missing, a box around nothing.
+    assert sorted(kinds_of(audit, "far.jpg")) == ["missing", "spurious"]
     assert kinds_of(audit, "twice.jpg") == ["duplicate"] and by_image["twice.jpg"].index == 1
     assert kinds_of(audit, "nothing.jpg") == ["spurious"]
     assert by_image["nothing.jpg"].suggested_label is None
@@ -71,12 +75,22 @@ def test_each_kind_is_found_on_the_image_that_has_it():
     ranked = [issue.image for issue in audit.issues]
     assert ranked[-1] == "nothing.jpg" or audit.issues[-1].score <= by_image["nothing.jpg"].score
     assert all(by_image[name].score > by_image["nothing.jpg"].score
-               for name in ("missing.jpg", "wrong.jpg", "moved.jpg"))
+               for name in ("missing.jpg", "wrong.jpg", "moved.jpg", "off.jpg", "twice.jpg"))
     scores = [issue.score for issue in audit.issues]
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
     assert summary(audit.issues)["by_kind"] == {
-        "missing": 1, "wrong_class": 1, "bad_box": 2, "duplicate": 1, "spurious": 1,
+        "missing": 2, "wrong_class": 1, "bad_box": 2, "duplicate": 1, "spurious": 2,
     }
+
+
+def test_overlapping_objects_the_model_sees_twice_are_no_sure_duplicate():
+    near = [12.0, 10.0, 42.0, 40.0]  # IoU 0.88 with CIRCLE
+    partly = [25.0, 10.0, 55.0, 40.0]  # IoU 0.33: two objects, however alike
+    audit = find_issues(clean(30) + [
+        one("two.jpg", [CIRCLE, near], ["circle", "circle"], [CIRCLE, near], ["circle", "circle"], [0.9, 0.9]),
+        one("apart.jpg", [CIRCLE, partly], ["circle", "circle"], [CIRCLE, partly], ["circle", "circle"], [0.9, 0.9]),
+    ])
+    assert all(i.score < 0.2 for i in audit.issues if i.image in ("two.jpg", "apart.jpg"))
 
 
 def test_scores_follow_the_models_own_precision_not_its_raw_scores():

@@ -16,11 +16,11 @@ the same raw score from a weaker model counts for less. The kinds of issue:
   another class on it (IoU >= 0.5) is surer than the best of the label's class;
   ``p_other * (1 - p_same)``.
 * ``bad_box``: a label whose class the model finds beside it, not on it: a prediction of the same
-  class that matches no other label, nearest first; ``p_pred * (1 - p_same)``, and for a
+  class that matches no other label, overlapping the box or within ``NEAR`` of it, surest first; ``p_pred * (1 - p_same)``, and for a
   prediction that does not even touch the box, times ``1 - p_any`` (the label may be another
   object the model missed). ``suggested_box`` is the prediction.
-* ``duplicate``: a second label of the same class on the same object (IoU >= 0.5 between the
-  labels) where the model sees one object; the score is their IoU.
+* ``duplicate``: a second label of the same class on the same object (IoU >= ``DUPLICATE_IOU``
+  between the labels); their IoU times the model's doubt that a second object is there.
 * ``spurious``: a label under which the model predicts nothing. Absence of evidence is weak
   evidence: Bayes' rule with the model's recall on this dataset and the rate of the other issues
   as the prior, times ``1 - p_any``. On clean labels (few other issues) it stays low.
@@ -42,6 +42,12 @@ from .report import box_iou
 
 KINDS = ("missing", "wrong_class", "bad_box", "duplicate", "spurious")
 MATCH_IOU = 0.5  # a prediction and a label are the same object from here up (COCO's AP50)
+# Two labels of one class this alike are one object drawn twice: annotators' duplicates are near
+# copies, while two real objects overlapping this much are rare (and the model then sees two).
+DUPLICATE_IOU = 0.7
+# A bad box's object lies at most this far from it (centre to centre, in the larger box's
+# diagonals) when the two do not overlap: a box moved by up to about its own size.
+NEAR = 1.0
 COVER_IOU = 0.3  # a prediction overlapping a label this much is that label's business, never "missing"
 MIN_SCORE = 0.05  # issues below this are not listed: the tail of a ranked list nobody reads
 # Suggestions applied in suggested.json: at least as likely right as not.
@@ -271,13 +277,13 @@ def _image_issues(labels: ImageLabels, preds: ImagePredictions, p: np.ndarray):
     # duplicates: a later label of the same class on an earlier one, where the model sees one object
     for g in range(len(boxes)):
         for h in range(g):
-            if done[h] or labels.labels[g] != labels.labels[h] or label_iou[g, h] < MATCH_IOU:
+            if done[h] or labels.labels[g] != labels.labels[h] or label_iou[g, h] < DUPLICATE_IOU:
                 continue
-            near = [d for d in np.union1d(overlapping(g, MATCH_IOU), overlapping(h, MATCH_IOU))
-                    if preds.labels[d] == labels.labels[g] and p[d] >= 0.5]
-            if len(near) >= 2:
-                continue  # the model sees two objects there
-            issues.append(Issue(image, "duplicate", float(label_iou[g, h]), list(labels.boxes[g]), labels.labels[g],
+            near = sorted((p[d] for d in np.union1d(overlapping(g, MATCH_IOU), overlapping(h, MATCH_IOU))
+                           if preds.labels[d] == labels.labels[g]), reverse=True)
+            second = near[1] if len(near) > 1 else 0.0  # the model's belief in a second object there
+            score = float(label_iou[g, h] * (1 - second))
+            issues.append(Issue(image, "duplicate", score, list(labels.boxes[g]), labels.labels[g],
                                 None, index=g, evidence=f"IoU {label_iou[g, h]:.2f} with box {h} of the same class"))
             done[g] = True
             break
@@ -312,10 +318,13 @@ def _image_issues(labels: ImageLabels, preds: ImagePredictions, p: np.ndarray):
             if len(others) and others.max() >= COVER_IOU:
                 continue  # it is on another label's object
             score = float(p[d] * (1 - p_same[g]))
+            distance = _centre_distance(boxes[g], pboxes[d])
             if iou[g, d] <= 0:
+                if distance > NEAR:
+                    continue
                 score *= 1 - p_any  # not even touching: only when nothing is seen under the label
             if score > 0:
-                candidates.append((score, _centre_distance(boxes[g], pboxes[d]), g, d))
+                candidates.append((score, distance, g, d))
     for score, _, g, d in sorted(candidates, key=lambda c: (-c[0], c[1])):
         if done[g] or used[d]:
             continue
