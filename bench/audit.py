@@ -155,8 +155,11 @@ def score_issues(issues: list[dict], faults: list[dict]) -> dict:
 
 def train_flags(args, steps=None) -> list[str]:
     roi = ["--box_batch_size_per_image", str(args.roi_samples)] if args.roi_samples else []
-    return [*roi, "--network", args.network, "--weights", "none", "--image_size", str(args.image_size), "--device", "cpu",
-            "--number_of_steps", str(steps or args.steps), "--num_workers", "0"]
+    steps = steps or args.steps
+    # Drip's warmup is 100 steps: a shorter run would spend it all warming up.
+    warmup = ["--warmup_steps", str(max(1, steps // 3))] if steps < 300 else []
+    return [*roi, *warmup, "--network", args.network, "--weights", "none", "--image_size", str(args.image_size),
+            "--device", "cpu", "--number_of_steps", str(steps), "--num_workers", "0"]
 
 
 # -- audit --------------------------------------------------------------------------------------

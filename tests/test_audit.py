@@ -266,6 +266,8 @@ def test_drip_audit_end_to_end_writes_the_issues_the_page_and_a_session(tmp_path
 
     # The final model's session: model.pt and a report that links to the audit page.
     assert (folder / "dl" / "model.pt").is_file()
+    stages = json.loads((folder / "dl" / "session.json").read_text())["stages"]
+    assert stages["audit"]["issues"] == len(issues) and {"split", "train"} <= set(stages)
     report_page = folder / "dl" / "report" / "index.html"
     assert 'href="../audit/index.html"' in report_page.read_text()
     images_in_browser(report_page, tmp_path)  # loads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +62,7 @@ def test_drip_select_end_to_end(tmp_path, dataset):
     rows = first["images"]
     assert len(rows) == 4 and first["candidates"] == 12
     assert {row["image"] for row in rows} <= {a.file for a in dataset["annotations"]}
-    assert all(set(row) >= {"image", "reason", "rank", "uncertainty_bits"} for row in rows)
+    assert all(set(row) >= {"image", "path", "reason", "rank", "uncertainty_bits"} for row in rows)
+    assert all(Path(row["path"]) == dataset["images"] / row["image"] for row in rows)
     assert main(argv) == 0
     assert list((output.parent / "trash").glob("*/next.json"))

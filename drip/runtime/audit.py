@@ -89,6 +89,8 @@ def audit(session_folder: Path, overrides: dict, audit_overrides: dict, launch: 
     write_json(folder / "suggested.json", suggested_coco([item.labels for item in items], result.issues))
     write_page(folder, result, {item.labels.image: item.path for item in items})
     counts = logic.summary(result.issues)["by_kind"]
+    session.record_stage("audit", folds=settings.folds, images=len(pairs), issues=len(result.issues), by_kind=counts,
+                         recall=round(result.recall, 4), seconds=round(time.perf_counter() - started, 1))
     console.info(f"audit: {len(result.issues)} issues in {len(pairs)} images ("
                  + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
                  + f"); the model found {result.recall:.0%} of the labels; see {folder / 'index.html'}")
@@ -233,6 +235,8 @@ def select(session_folder: Path, overrides: dict):
     if not candidates:
         raise InputError(f"--images_path {config.images_path}: none of its images could be read")
     chosen = logic.choose(candidates, config.count)
+    where = {job.rel: str(job.path) for job in jobs}
+    chosen = [{"image": row["image"], "path": where[row["image"]], **row} for row in chosen]
     output.parent.mkdir(parents=True, exist_ok=True)
     moved = set_aside(output)
     if moved:
