@@ -3,7 +3,8 @@
 **audit**: makes a labelled synthetic set (``--scenes shapes``: several shapes an image, which may
 overlap, ``drip.data.synthetic.draw_scene``; ``--scenes sparse``: many small shapes that never
 touch, ``draw_sparse_scene``), plants faults of three kinds in as many images each (one fault an
-image): ``missing`` deletes a box, ``wrong_class`` swaps its class for another, ``bad_box`` moves
+image; ``--scenes sample``: the quick start's scenes, larger shapes that never overlap):
+``missing`` deletes a box, ``wrong_class`` swaps its class for another, ``bad_box`` moves
 a box by 0.5-1 of its size in a random direction. Then runs ``drip audit`` (the real command,
 in this process, from scratch) and reads ``label_issues.json``. A fault counts as found when an
 issue of its kind on its image has IoU >= 0.5 with its box (the deleted box; the box as
@@ -19,6 +20,10 @@ test images of both kinds (AP50, ``drip evaluate``'s code).
     .venv/bin/python bench/audit.py                    # the held-out check's size: 240 images at 320 px, 300 steps
     .venv/bin/python bench/audit.py --images 120 --image-size 192 --steps 200   # reduced (BENCHMARKS.md)
     .venv/bin/python bench/audit.py --quick            # a smoke test of the script
+
+``--model SESSION`` measures the comparison alone, in minutes: that trained model predicts the
+scenes (which it never saw) in place of the out-of-fold models, e.g. the quick start's model
+(``scripts/quickstart.sh``, then ``--model pipeline/ --scenes sample --image-size 320``).
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ FAULT_KINDS = ("missing", "wrong_class", "bad_box")
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=("audit", "select", "both"), default="both")
-    p.add_argument("--scenes", choices=("shapes", "sparse", "both"), default="both", help="the audit's kinds of data")
+    p.add_argument("--scenes", choices=("shapes", "sparse", "sample", "both"), default="both",
+                   help="the audit's kinds of data: both = shapes and sparse; sample = the quick start's scenes")
     p.add_argument("--images", type=int, default=240)
     p.add_argument("--image-size", type=int, default=320)
     p.add_argument("--steps", type=int, default=300, help="--number_of_steps of every model")
@@ -59,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--select-labelled", type=int, default=40)
     p.add_argument("--select-pool", type=int, default=120)
     p.add_argument("--select-count", type=int, default=20)
+    p.add_argument("--model", default=None,
+                   help="a trained Drip model (or session): skip the folds, and let it predict the scenes (which it "
+                        "never saw) in place of the out-of-fold models; measures the comparison alone, in minutes")
     p.add_argument("--network", default=NETWORK, help="the detector (default: the held-out check's, Drip's default)")
     p.add_argument("--roi-samples", type=int, default=None,
                    help="--box_batch_size_per_image (default: the network's, 512): 128 makes a CPU step much faster")
@@ -75,20 +84,28 @@ def main(argv=None) -> int:
     lines = [f"workdir {workdir}"]
     if args.part in ("audit", "both"):
         for scenes in (("shapes", "sparse") if args.scenes == "both" else (args.scenes,)):
-            result = bench_audit(workdir / f"audit-{scenes}", scenes, args)
+            run = bench_model if args.model else bench_audit
+            result = run(workdir / f"audit-{scenes}", scenes, args)
             figures[f"audit_{scenes}"] = result
+            how = f"predicted by {args.model}" if args.model else f"{args.steps} steps"
             lines.append(
-                f"audit, {scenes} scenes: {args.images} images at {args.image_size} px, {args.steps} steps, "
-                f"{result['planted']} faults planted; {result['seconds'] / 60:.1f} min"
+                f"audit, {scenes} scenes: {args.images} images at {args.image_size} px, {how}, "
+                f"{result['planted']} faults planted; {result['seconds'] / 60:.1f} min; the model finds "
+                f"{result['model_recall']:.0%} of the labels"
             )
             lines.append("  recall " + ", ".join(f"{k} {v['found']}/{v['planted']}" for k, v in result["recall"].items())
                          + f"; precision in the top {result['planted']}: {result['precision_top_k']:.2f}")
     if args.part in ("select", "both"):
         result = bench_select(workdir / "select", args)
         figures["select"] = result
-        lines.append(f"select: {args.select_labelled} labelled + {args.select_count} of a pool of {args.select_pool}, "
-                     f"{args.steps} steps each: AP50 selected {result['selected']['AP50']:.3f}, "
-                     f"random {result['random']['AP50']:.3f} (first model {result['first']['AP50']:.3f})")
+        if args.model:
+            lines.append(f"select with {args.model}: {args.select_count} of a pool of {args.select_pool} "
+                         f"({result['pool_sparse_share']:.0%} sparse scenes, a kind the model never saw): "
+                         f"{result['selected_sparse_share']:.0%} of the chosen are sparse scenes")
+        else:
+            lines.append(f"select: {args.select_labelled} labelled + {args.select_count} of a pool of {args.select_pool}, "
+                         f"{args.steps} steps each: AP50 selected {result['selected']['AP50']:.3f}, "
+                         f"random {result['random']['AP50']:.3f} (first model {result['first']['AP50']:.3f})")
     report("audit", info, figures, lines, args.json)
     return 0
 
@@ -97,6 +114,9 @@ def main(argv=None) -> int:
 def make_scenes(folder: Path, n: int, size: int, scenes: str, seed: int) -> list[ImageAnnotation]:
     if scenes == "shapes":
         return make_dataset(folder, n, size=(size, size * 3 // 4), seed=seed, folders=())
+    if scenes == "sample":  # as scripts/make_sample_data.py draws the quick start's images
+        return make_dataset(folder, n, size=(size, size * 3 // 4), seed=seed, folders=(), object_size=(0.25, 0.5),
+                            overlap=False)
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -176,8 +196,29 @@ def bench_audit(folder: Path, scenes: str, args) -> dict:
     seconds = time.perf_counter() - started
     assert code == 0, f"drip audit failed ({code})"
     issues = json.loads((folder / "session" / "dl" / "audit" / "label_issues.json").read_text())
+    state = json.loads((folder / "session" / "dl" / "session.json").read_text())
     return {"planted": len(faults), "issues": len(issues), "seconds": round(seconds, 1),
+            "model_recall": state["stages"]["audit"]["recall"],
             **score_issues(issues, faults)}
+
+
+def bench_model(folder: Path, scenes: str, args) -> dict:
+    """The comparison alone: ``args.model`` predicts every image, as an out-of-fold model would."""
+    from drip.evaluation.audit import ImageLabels, ImagePredictions, find_issues
+    from drip.evaluation.results import resolve_model_path
+    from drip.runtime.audit import predict_paths
+
+    annotations = make_scenes(folder / "images", args.images, args.image_size, scenes, args.seed)
+    faults = plant(annotations, args.faults, args.seed)
+    started = time.perf_counter()
+    found = predict_paths(resolve_model_path(args.model, Path(".")), [folder / "images" / a.file for a in annotations],
+                          "cpu", 4)
+    pairs = [(ImageLabels(a.file, a.boxes, a.labels), ImagePredictions(a.file, *found[str(folder / "images" / a.file)]))
+             for a in annotations]
+    audit = find_issues(pairs)
+    issues = [issue.to_json() for issue in audit.issues]
+    return {"planted": len(faults), "issues": len(issues), "seconds": round(time.perf_counter() - started, 1),
+            "model_recall": audit.recall, **score_issues(issues, faults)}
 
 
 # -- select -------------------------------------------------------------------------------------
@@ -187,7 +228,8 @@ def bench_select(folder: Path, args) -> dict:
     from drip.evaluation.metrics import evaluate_annotations
 
     labelled = make_scenes(folder / "images", args.select_labelled, args.image_size, "shapes", args.seed + 1)
-    pool_shapes = make_scenes(folder / "pool" / "a", args.select_pool // 2, args.image_size, "shapes", args.seed + 2)
+    known = "sample" if args.model else "shapes"  # the kind the first model trained on (--model: the quick start's)
+    pool_shapes = make_scenes(folder / "pool" / "a", args.select_pool // 2, args.image_size, known, args.seed + 2)
     pool_sparse = make_scenes(folder / "pool" / "b", args.select_pool - args.select_pool // 2, args.image_size,
                               "sparse", args.seed + 3)
     pool = {f"a/{a.file}": a for a in pool_shapes} | {f"b/{a.file}": a for a in pool_sparse}
@@ -212,6 +254,14 @@ def bench_select(folder: Path, args) -> dict:
         metrics = evaluate_annotations(config, folder).metrics
         return {"AP50": metrics.AP50 or 0.0, "AP": metrics.AP or 0.0, "seconds": round(seconds, 1)}
 
+    if args.model:  # no training: which kind of pool image does select take, against chance?
+        started = time.perf_counter()
+        assert drip(["select", "--model", args.model, "--images_path", str(folder / "pool"), "--device", "cpu",
+                     "--count", str(args.select_count), "--output", str(folder / "selected.json")]) == 0
+        rows = json.loads((folder / "selected.json").read_text())["images"]
+        return {"selected_sparse_share": sum(r["image"].startswith("b/") for r in rows) / max(1, len(rows)),
+                "pool_sparse_share": len(pool_sparse) / len(pool), "seconds": round(time.perf_counter() - started, 1),
+                "model": args.model}
     first = train("first", [], [])
     assert drip(["select", "--model", str(folder / "first"), "--images_path", str(folder / "pool"), "--device", "cpu",
                  "--count", str(args.select_count), "--output", str(folder / "selected.json")]) == 0
