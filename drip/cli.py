@@ -10,6 +10,8 @@ top: ``--help`` answers at once, and the host-side starters reuse these parsers.
     drip evaluate [flags]           COCO metrics of a model on an annotated set of images
     drip export  [flags]            a trained model as ONNX or TorchScript, self-describing
     drip report  [flags]            a session's pictures and index.html, drawn again
+    drip audit   [flags]            out-of-fold label issues, then the final model
+    drip select  [flags]            the unlabelled images worth labelling next
     drip stage NAME [flags]         run one stage alone on an existing session
     drip networks                   list the detectors Drip can train
     drip doctor                     check the Docker engine, GPUs, disk and shared memory
@@ -20,10 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import sys
 from pathlib import Path
 
-from .config import CLI, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig
+from .config import CLI, AuditConfig, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig, SelectConfig
 from .errors import DripError, guarded
 from .runtime import torchrun
 
@@ -34,6 +37,7 @@ GROUP_TITLES = {
     "model": "model",
     "train": "training",
     "infer": "inference",
+    "audit": "audit (folds and the final model)",
 }
 
 
@@ -87,7 +91,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _names(progs: list[str]) -> str:
-    return " and ".join(f"'{prog}'" for prog in progs)
+    quoted = [f"'{prog}'" for prog in progs]
+    return " and ".join(quoted) if len(quoted) < 3 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
 # How alike a stray flag and a known one must be to suggest it (difflib's ratio): at its default
@@ -206,6 +211,26 @@ REPORT_DESCRIPTION = (
 )
 
 
+AUDIT_DESCRIPTION = (
+    "Find the labels to fix: train --folds models out of fold, so that every image is predicted\n"
+    "by a model that never saw its labels, compare each image's labels with those predictions,\n"
+    "then train the session's final model on all the data. Writes SESSION_FOLDER/dl/audit/:\n"
+    "label_issues.json (missing, wrong_class, bad_box, duplicate, spurious; ranked by score),\n"
+    "suggested.json (the annotations with the suggestions applied, COCO) and index.html; the\n"
+    "rest of SESSION_FOLDER is an ordinary session (model.pt, report, logs). Takes training's flags.\n\n"
+    "Example:\n"
+    "  %(prog)s --src_json_path files/metadata.json --image_folder_path files/images/ --folds 2"
+)
+
+SELECT_DESCRIPTION = (
+    "Rank a folder of unlabelled images by how much labelling them would teach the model\n"
+    "(uncertain to it, and unlike each other) and write the best COUNT to OUTPUT as JSON:\n"
+    "images, best first, each with why it was chosen. An earlier OUTPUT goes to trash/ first.\n\n"
+    "Example:\n"
+    "  %(prog)s --model pipeline/ --images_path new_images/ --count 50 --output next.json"
+)
+
+
 def new_parser(prog: str | None = None, description: str | None = None) -> Parser:
     return Parser(prog=prog, description=description, formatter_class=_formatter, allow_abbrev=False)
 
@@ -252,6 +277,21 @@ def add_infer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def add_audit_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "--session_folder", default=DEFAULT_SESSION_FOLDER, metavar="PATH",
+        help=f"Folder of the audit's session: dl/audit/ and the final model (default: {DEFAULT_SESSION_FOLDER})",
+    )
+    add_schema_flags(p, Config)
+    add_schema_flags(p, AuditConfig)
+    torchrun.add_flags(p)
+    return p
+
+
+def add_select_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return _add_model_run_flags(p, SelectConfig)
+
+
 def add_evaluate_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return _add_model_run_flags(p, EvaluateConfig)
 
@@ -285,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write a trained detector as ONNX or TorchScript",
         description=EXPORT_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
     ))
+    add_runtime_flags(add_audit_flags(sub.add_parser(
+        "audit", help="find wrong, missing and bad labels with out-of-fold models, then train",
+        description=AUDIT_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
+    )), "audit", default="local")
+    add_runtime_flags(add_select_flags(sub.add_parser(
+        "select", help="choose the unlabelled images worth labelling next",
+        description=SELECT_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
+    )), "select", default="local")
     report = sub.add_parser(
         "report", help="draw a session's report (pictures and index.html) again",
         description=REPORT_DESCRIPTION, formatter_class=_formatter, allow_abbrev=False,
@@ -338,7 +386,7 @@ def _version() -> str:
 
 SCHEMAS = {
     "train": Config, "stage": Config, "infer": InferConfig, "evaluate": EvaluateConfig, "export": ExportConfig,
-    "report": ReportConfig,
+    "report": ReportConfig, "select": SelectConfig,
 }
 
 
@@ -347,6 +395,9 @@ def run_command(command: str, args: argparse.Namespace) -> int:
     schema = SCHEMAS.get(command)
     if schema is not None:
         schema().updated(given(args, schema), CLI)  # a bad flag fails now, not after a torch import
+    if command == "audit":
+        Config().updated(given(args, Config), CLI)
+        AuditConfig().updated(given(args, AuditConfig), CLI)
     session_folder = Path(getattr(args, "session_folder", DEFAULT_SESSION_FOLDER))
     # An ONNX model runs in ONNX Runtime without PyTorch: sent there before the pipeline's
     # imports, which import PyTorch.
@@ -379,9 +430,134 @@ def run_command(command: str, args: argparse.Namespace) -> int:
         local.export(session_folder, given(args, ExportConfig))
     elif command == "report":
         local.report(session_folder, given(args, ReportConfig))
+    elif command == "audit":
+        from .runtime import audit
+
+        audit.audit(session_folder, given(args, Config), given(args, AuditConfig), launch=torchrun.from_args(args))
+    elif command == "select":
+        from .runtime import audit
+
+        audit.select(session_folder, given(args, SelectConfig))
     elif command == "networks":
         local.list_networks()
     return 0
+
+
+RUNTIMES = ("auto", "local", "docker")
+
+
+DOCKER_FLAGS = ("base_image", "docker_network", "gpus", "tensorboard_port", "shell")
+
+
+def _gpus(value: str) -> str:
+    v = value.strip().lower()
+    if v in ("all", "none") or (v.isdigit() and int(v) > 0):
+        return v
+    raise argparse.ArgumentTypeError(f"{value!r} is not 'all', 'none' or a number of GPUs (e.g. 1)")
+
+
+def _port(value: str) -> int:
+    if value.isdigit() and 0 <= int(value) <= 65535:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535, or 0 for none)")
+
+
+def add_runtime_flags(p: argparse.ArgumentParser, command: str = "train", default: str = "auto") -> None:
+    """``--runtime`` and the Docker runtime's flags. The starters default to ``auto``; the ``drip``
+    command, which otherwise runs in this Python, to ``local``."""
+    g = p.add_argument_group("runtime")
+    g.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=os.environ.get("DRIP_RUNTIME", default),
+        help="Where the stages run: 'docker' in Drip's container (GPU through the NVIDIA "
+        "Container Toolkit), 'local' in this Python, 'auto' = docker when a Docker engine "
+        f"answers, else local (default: {default}, or $DRIP_RUNTIME)",
+    )
+    # Docker-only flags default to SUPPRESS: the namespace then tells whether the user gave
+    # one, and --runtime local can say that it has no effect.
+    d = p.add_argument_group("docker runtime")
+    d.add_argument(
+        "--gpus",
+        type=_gpus,
+        default=argparse.SUPPRESS,
+        metavar="{all,N,none}",
+        help="GPUs the container gets, through the NVIDIA Container Toolkit (default: all; "
+        "with --device cpu none are requested)",
+    )
+    d.add_argument(
+        "--base_image",
+        default=argparse.SUPPRESS,
+        metavar="IMAGE",
+        help="Image to build Drip's image on, passed as the Dockerfile's BASE_IMAGE: any image "
+        "with Python >= 3.10 and venv, e.g. one made by scripts/docker_base_image.sh where no "
+        "registry can be reached (default: the Dockerfile's, an official slim Python image)",
+    )
+    d.add_argument(
+        "--docker_network",
+        default=argparse.SUPPRESS,
+        metavar="NETWORK",
+        help="Docker network for the image build and the container, e.g. 'host' when pip in a "
+        "build cannot reach the package index through the default bridge (default: the "
+        "engine's bridge)",
+    )
+    if command == "train":
+        d.add_argument(
+            "--tensorboard_port",
+            type=_port,
+            default=argparse.SUPPRESS,
+            metavar="PORT",
+            help="TensorBoard runs in the container during training, on http://127.0.0.1:PORT/ "
+            "only (0 = no TensorBoard) (default: 6006)",
+        )
+    d.add_argument(
+        "--shell",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="Open an interactive shell in Drip's container with the mounts, user and GPUs "
+        f"this 'drip {command}' would get, instead of running it",
+    )
+
+
+
+def docker_unavailable_reason(timeout: float = 2.0) -> str | None:
+    """None when Drip can run in Docker here, else why not (one line).
+
+    Fast: when no engine listens the socket refuses at once, and a hung one gets ``timeout``.
+    """
+    from .runtime import docker
+
+    try:
+        docker.connect(timeout=timeout)
+    except DripError as exc:
+        return str(exc)
+    return None
+
+
+def choose_runtime(requested: str) -> str:
+    if requested == "local":
+        return "local"
+    reason = docker_unavailable_reason()
+    if reason is None:
+        return "docker"
+    if requested == "docker":
+        raise DripError(f"--runtime docker: {reason}; use --runtime local")
+    print(f"[drip] running locally ({reason})", file=sys.stderr)
+    return "local"
+
+def run_in_runtime(command: str, args: argparse.Namespace) -> int:
+    """``command`` in this Python or in Drip's container, as ``--runtime`` (and the engine) decide."""
+    requested = "docker" if getattr(args, "shell", False) and args.runtime == "auto" else args.runtime
+    if choose_runtime(requested) == "local":
+        docker_only = [f"--{name}" for name in DOCKER_FLAGS if hasattr(args, name)]
+        if "--shell" in docker_only:
+            raise DripError("--shell opens a shell in Drip's container; it needs --runtime docker")
+        if docker_only:
+            print(f"[drip] {', '.join(docker_only)}: no effect with the local runtime", file=sys.stderr)
+        return run_command(command, args)
+    from .runtime import docker
+
+    return docker.run(command, args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime import docker
 
         return guarded(docker.doctor, args.session_folder, args.base_image)
+    if args.command in ("audit", "select"):  # they take --runtime, as the starters do
+        return guarded(run_in_runtime, args.command, args)
     return guarded(run_command, args.command, args)
 
 

@@ -620,6 +620,47 @@ class EvaluateConfig(_ModelRun):
 
 
 @dataclass
+class AuditConfig(_Schema):
+    """What ``drip audit`` adds to training's flags: how the data is folded, and the final model."""
+
+    folds: int = _opt(
+        2,
+        "Models trained out of fold: each image is predicted by a model that trained on the "
+        "other folds, never on its own labels. 2 keeps the audit and its final model within "
+        "2.5 training runs (--number_of_steps each fold, half that for the final model); more "
+        "folds train each model on more of the data, at one more run each.",
+        "audit",
+        low=2,
+        high=20,
+    )
+    final_steps: int | None = _opt(
+        None,
+        "Steps of the final model, which continues from the last fold's model on all the data "
+        "(that model has seen all but one fold already). By default half of --number_of_steps.",
+        "audit",
+        low=1,
+    )
+
+
+@dataclass
+class SelectConfig(_ModelRun):
+    """What ``drip select`` does: which unlabelled images to label next, and where to say so."""
+
+    images_path: str = _opt(
+        "files/images/",
+        "Folder of unlabelled images (sub-folders included) to choose from.",
+        "data",
+    )
+    count: int = _opt(10, "How many images to choose.", "data", low=1)
+    output: str = _opt(
+        "files/selected.json",
+        "JSON file for the chosen images, best first, each with why; an earlier file is moved to "
+        "<its folder>/trash/<timestamp>/ first.",
+        "data",
+    )
+
+
+@dataclass
 class ReportConfig(_Schema):
     """What ``drip report`` does: draw a session's pictures and its index.html again."""
 

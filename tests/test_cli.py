@@ -73,7 +73,7 @@ def test_mistyped_flag_gets_a_suggestion(capsys):
     (["export", "--results_path", "x"],
      "--results_path is a flag of 'drip infer' and 'drip evaluate', not of 'drip export'; "
      "'drip export' takes --output for that"),
-    (["infer", "--numbr_of_steps", "3"], "did you mean --number_of_steps, a flag of 'drip train' and 'drip stage'?"),
+    (["infer", "--numbr_of_steps", "3"], "did you mean --number_of_steps, a flag of 'drip train', 'drip audit' and 'drip stage'?"),
 ])
 def test_a_flag_of_another_command_names_the_command_that_takes_it(capsys, argv, expected):
     with pytest.raises(SystemExit) as exc:

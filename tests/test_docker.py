@@ -53,9 +53,9 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
 def _answers() -> bool:
-    from drip import launcher
+    from drip import cli
 
-    return launcher.docker_unavailable_reason() is None
+    return cli.docker_unavailable_reason() is None
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from drip.runtime import docker as dr
-from drip import launcher
+from drip import cli, launcher
 from drip.runtime.docker import GIB, Host, Identity
 from drip.errors import DripError
 
@@ -44,16 +44,21 @@ def mounts(s) -> dict[str, tuple[str, str]]:
     return {m.container: (m.host, m.mode) for m in s.mounts}
 
 
-# -- train ------------------------------------------------------------------------------------
-def test_train_defaults_mount_the_default_inputs_read_only_and_the_session_read_write(project):
-    s = spec("train", ["--device", "cpu"], project)
-    p = str(project)
-    assert mounts(s) == {
+def default_training_mounts(p: str) -> dict[str, tuple[str, str]]:
+    """What training (and the audit) mounts with the default inputs, run from the project ``p``."""
+    return {
         f"{p}/files/metadata.json": (f"{p}/files/metadata.json", "ro"),
         f"{p}/files/images": (f"{p}/files/images", "ro"),
         f"{p}/files/augmentations.yaml": (f"{p}/files/augmentations.yaml", "ro"),
         f"{p}/pipeline": (f"{p}/pipeline", "rw"),
     }
+
+
+# -- train ------------------------------------------------------------------------------------
+def test_train_defaults_mount_the_default_inputs_read_only_and_the_session_read_write(project):
+    s = spec("train", ["--device", "cpu"], project)
+    p = str(project)
+    assert mounts(s) == default_training_mounts(p)
     # Same paths inside, same working folder: the flags reach drip exactly as typed.
     assert s.command == ["drip", "train", "--session_folder", "pipeline/", "--device", "cpu"]
     assert s.working_dir == p
@@ -470,24 +475,24 @@ def test_no_engine_is_reported_fast_in_one_line(monkeypatch):
     import time
 
     start = time.monotonic()
-    reason = launcher.docker_unavailable_reason()
+    reason = cli.docker_unavailable_reason()
     assert time.monotonic() - start < 3
     assert "no Docker engine answers at unix:///nonexistent/docker.sock" in reason
     assert "\n" not in reason
 
 
 def test_auto_falls_back_to_local_and_docker_fails(monkeypatch, capsys):
-    monkeypatch.setattr(launcher, "docker_unavailable_reason", lambda: "no engine here")
-    assert launcher.choose_runtime("auto") == "local"
+    monkeypatch.setattr(cli, "docker_unavailable_reason", lambda: "no engine here")
+    assert cli.choose_runtime("auto") == "local"
     assert "no engine here" in capsys.readouterr().err
     with pytest.raises(DripError, match="--runtime docker: no engine here"):
-        launcher.choose_runtime("docker")
-    monkeypatch.setattr(launcher, "docker_unavailable_reason", lambda: None)
-    assert launcher.choose_runtime("auto") == "docker"
+        cli.choose_runtime("docker")
+    monkeypatch.setattr(cli, "docker_unavailable_reason", lambda: None)
+    assert cli.choose_runtime("auto") == "docker"
 
 
 def test_shell_needs_docker(monkeypatch, capsys):
-    monkeypatch.setattr(launcher, "docker_unavailable_reason", lambda: "no engine here")
+    monkeypatch.setattr(cli, "docker_unavailable_reason", lambda: "no engine here")
     assert launcher.main("train", ["--runtime", "local", "--shell"]) == 2
     assert "--shell" in capsys.readouterr().err
 
@@ -631,3 +636,32 @@ def test_train_on_several_machines_takes_the_host_network(project):
     assert any("host's network" in n for n in s.notes)
     with pytest.raises(DripError, match="--nnodes 2 needs the host's network.*drop --docker_network mynet"):
         spec("train", ["--nnodes", "2", "--rdzv_endpoint", "h:1", "--docker_network", "mynet"], project)
+
+
+# -- audit and select ---------------------------------------------------------------------------
+def cli_spec(command, argv, cwd, **kw):
+    args = cli.build_parser().parse_args([command, *argv])
+    return dr.build_run_spec(command, args, "drip:test", host(cwd, **kw))
+
+
+def test_audit_mounts_as_training_does_and_passes_its_own_flags(project):
+    s = cli_spec("audit", ["--device", "cpu", "--folds", "3", "--final_steps", "50"], project)
+    p = str(project)
+    assert mounts(s) == default_training_mounts(p)
+    assert s.command == ["drip", "audit", "--session_folder", "pipeline/", "--runtime", "local", "--device", "cpu",
+                         "--folds", "3", "--final_steps", "50"]
+    assert s.environment["TORCH_HOME"] == f"{p}/pipeline/cache"
+
+
+def test_select_mounts_the_model_and_images_read_only_and_the_output_folder_read_write(project, tmp_path):
+    model = tmp_path / "old session"
+    (model / "dl").mkdir(parents=True)
+    s = cli_spec("select", ["--model", str(model), "--images_path", "files/test_images", "--count", "5",
+                            "--output", str(tmp_path / "out dir" / "next.json")], project)
+    m = mounts(s)
+    assert m[str(model)] == (str(model), "ro")
+    assert m[f"{project}/files/test_images"] == (f"{project}/files/test_images", "ro")
+    assert m[str(tmp_path / "out dir")] == (str(tmp_path / "out dir"), "rw")
+    assert str(tmp_path / "out dir") in s.make_dirs
+    assert s.command[:2] == ["drip", "select"] and "--runtime" in s.command
+    assert s.command[s.command.index("--output") + 1] == str(tmp_path / "out dir" / "next.json")

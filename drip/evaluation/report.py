@@ -518,9 +518,11 @@ def _images_all_found(truths, detections, threshold: float) -> int:
 
 
 def _draw_boxes(ax, image, boxes, labels, classes, colours, scores=None) -> None:
+    """``image`` (None: boxes only, over what ``ax`` shows) and its boxes, each in its class's colour."""
     from matplotlib.patches import Rectangle
 
-    ax.imshow(image)
+    if image is not None:
+        ax.imshow(image)
     ax.set_axis_off()
     for i, (box, label) in enumerate(zip(np.asarray(boxes).reshape(-1, 4), np.asarray(labels).reshape(-1))):
         label = int(label)
@@ -624,6 +626,11 @@ def _page(session: Session, report: Report, ev: _Evaluation | None, facts: dict[
             f"<td class='n'>{_num(ap)}</td><td class='n'>{_num(ev.metrics.per_class_ap50.get(name))}</td></tr>"
             for name, ap in ev.metrics.per_class_ap.items()
         ) + "</table>")
+    audit = session.dl / "audit" / "index.html"
+    if audit.is_file():
+        parts.append('<h2>Label audit</h2><p>The labels this session\'s folds found suspect, ranked, with '
+                     'crops and suggestions: <a id="audit" href="../audit/index.html">the audit page</a> '
+                     '(<code>audit/label_issues.json</code>, <code>audit/suggested.json</code>).</p>')
     for picture in report.pictures:
         parts.append(f"<h2>{e(picture.title)}</h2>")
         parts.append(f'<figure><img src="{e(picture.file)}" alt="{e(picture.title)}">'

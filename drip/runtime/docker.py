@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..config import Config, InferConfig
+from ..config import AuditConfig, Config, InferConfig, SelectConfig
 from ..errors import DripError
 from .torchrun import Launch
 
@@ -84,6 +84,20 @@ INFER_PATHS = (
     ("src_json_path", "ro", "input"),
     ("results_path", "rw", "output"),
 )
+SELECT_PATHS = (
+    ("images_path", "ro", "input"),
+    ("model", "ro", "input"),
+    ("output", "rw", "output file"),  # its folder is mounted: the earlier file goes to trash/ beside it
+)
+# Per command: the schemas whose fields are its flags (the first holds the path flags), its path flags.
+COMMANDS = {
+    "train": ((Config,), TRAIN_PATHS),
+    "infer": ((InferConfig,), INFER_PATHS),
+    "audit": ((Config, AuditConfig), TRAIN_PATHS),
+    "select": ((SelectConfig,), SELECT_PATHS),
+}
+# Commands that write a session (mounted read-write, with the weights cache).
+SESSION_COMMANDS = ("train", "audit")
 WEIGHT_NAMES = frozenset({"coco", "imagenet", "none"})
 
 NVIDIA_FIX = (
@@ -331,9 +345,10 @@ def build_run_spec(
     ``DRIP_BASE_IMAGE``: training records them in the session (``drip.runtime.local``), so
     inference can run in the same image (``plan_image``).
     """
-    if command not in ("train", "infer"):
-        raise ValueError(f"the Docker runtime runs 'train' or 'infer', not {command!r}")
-    schema, paths = (Config, TRAIN_PATHS) if command == "train" else (InferConfig, INFER_PATHS)
+    if command not in COMMANDS:
+        raise ValueError(f"the Docker runtime runs {', '.join(COMMANDS)}, not {command!r}")
+    schemas, paths = COMMANDS[command]
+    schema = schemas[0]
     cwd, ident = host.cwd, host.identity
     mounts: list[Mount] = []
     make_dirs: list[str] = []
@@ -357,6 +372,10 @@ def build_run_spec(
             continue  # a network name or a weights keyword, not a file
         if kind == "input" and not exists:
             continue  # drip itself reports a missing input, with the path as typed
+        if kind == "output file":
+            folder = os.path.dirname(value) or "."
+            rewritten[name] = os.path.join(mount(folder, mode, create=True), os.path.basename(value))
+            continue
         inside = mount(value, mode, create=kind == "output")
         if name in ("src_json_path", "eval_json_path"):
             for dataset in yolo_dataset_folders(value, cwd):
@@ -367,7 +386,7 @@ def build_run_spec(
     session = str(getattr(args, "session_folder", DEFAULT_SESSION_FOLDER))
     session_lexical, session_real = _resolve(session, cwd)
     env_extra = {}
-    if command == "train":
+    if command in SESSION_COMMANDS:
         session_arg = mount(session, "rw", create=True)
         env_extra["TORCH_HOME"] = container_path(session_lexical) + "/cache"  # downloads survive sessions
     elif _effective(args, schema, "model") is None and os.path.isdir(session_real):
@@ -378,7 +397,9 @@ def build_run_spec(
     argv = ["drip", command, "--session_folder", session_arg]
     if command == "train" and getattr(args, "resume_training", False):
         argv.append("--resume_training")
-    for f in dataclasses.fields(schema):
+    if command in ("audit", "select"):
+        argv += ["--runtime", "local"]  # already in the container
+    for f in [f for one in schemas for f in dataclasses.fields(one)]:
         if f.name in rewritten:
             argv += [f"--{f.name}", rewritten[f.name]]
         elif hasattr(args, f.name):
@@ -392,7 +413,7 @@ def build_run_spec(
     network = getattr(args, "docker_network", None) or None
     if command == "infer" and str(getattr(args, "nproc_per_node", "1")) != "1":
         argv += ["--nproc_per_node", str(args.nproc_per_node)]  # the images shared over processes
-    if command == "train":
+    if command in SESSION_COMMANDS:
         argv += _launch_argv(args, gpus, device)
         if int(getattr(args, "nnodes", 1)) > 1:
             # torchrun's rendezvous and the collectives connect machine to machine, on ports the
@@ -944,7 +965,7 @@ def _pump(client, cid: str, sock, spec: RunSpec, out, err) -> None:
             old_term = None
     demux = _Demux(out, err, tty=spec.tty)
     stopping = 0
-    training = spec.command[:2] == ["drip", "train"]
+    training = spec.command[1:2] in (["train"], ["audit"])
     try:
         while True:
             try:

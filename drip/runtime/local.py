@@ -40,19 +40,25 @@ def train(session_folder: Path, overrides: dict, resume: bool = False, launch: L
     session = Session(Path(session_folder))
     if resume:
         config = _session_config(session, overrides, require=True)
-        nproc = _processes(launch, config)
+        nproc = processes(launch, config)
         record_image(session)
         config = _timed("configure", lambda: configure.run(session, config, check_model=False))
         return _timed("train", lambda: _train(session, config, True, launch, nproc))
 
     config = Config().updated(overrides, CLI)
-    nproc = _processes(launch, config)  # a batch that does not divide fails now, not after the stages
+    nproc = processes(launch, config)  # a batch that does not divide fails now, not after the stages
     _check_inputs(config)
     moved = session.start_new()
     if moved:
         console.info(f"moved the previous session to {moved}")
     console.info(f"new session in {session.dl}")
     record_image(session)
+    return run_all_stages(session, config, launch, nproc)
+
+
+def run_all_stages(session: Session, config: Config, launch: Launch | None, nproc: int):
+    """Every stage, in order, in ``session`` as it is (``train`` starts it; ``drip audit``'s
+    folds and final model run here too)."""
     for name in ("split", "augment", "records"):
         _timed(name, lambda: STAGE_MODULES[name].run(session, config))
     config = _timed("configure", lambda: configure.run(session, config))
@@ -75,7 +81,7 @@ def run_stage(name: str, session_folder: Path, overrides: dict, resume: bool = F
     session.dl.mkdir(parents=True, exist_ok=True)
     config = _session_config(session, overrides, require=False)
     if name == "train":
-        nproc = _processes(launch, config)
+        nproc = processes(launch, config)
         return _timed(name, lambda: _train(session, config, resume, launch, nproc))
     result = _timed(name, lambda: STAGE_MODULES[name].run(session, config))
     if name != "configure":
@@ -83,7 +89,7 @@ def run_stage(name: str, session_folder: Path, overrides: dict, resume: bool = F
     return result
 
 
-def _processes(launch: Launch | None, config, split: bool = True) -> int:
+def processes(launch: Launch | None, config, split: bool = True) -> int:
     """Processes on this node; for training (``split``), checks that the global batch divides
     over all of them."""
     if launch is None:
@@ -119,7 +125,7 @@ def infer(session_folder: Path, overrides: dict, launch: Launch | None = None):
     """``drip infer``; with ``launch`` asking for several processes, under torchrun, the images
     shared out (``drip.evaluation.results.run_groups``)."""
     config = InferConfig().updated(overrides, CLI)
-    nproc = _processes(launch, config, split=False)
+    nproc = processes(launch, config, split=False)
     if nproc > 1:
         from . import torchrun
 
