@@ -256,7 +256,8 @@ def test_drip_audit_end_to_end_writes_the_issues_the_page_and_a_session(tmp_path
 
     crops = {f"crops/{p.name}" for p in (audit / "crops").iterdir()}
     assert len(crops) == min(len(issues), 120)
-    assert_page_loads(audit / "index.html", tmp_path, crops)
+    # a crop is 2.6 inches on its long side, the box and a margin of 0.6 its size on every side
+    assert_page_loads(audit / "index.html", tmp_path, crops, smallest=(60, 60))
     assert "duplicate" in (audit / "index.html").read_text()
     predictions = json.loads((audit / "predictions.json").read_text())
     assert set(predictions) == {a.file for a in annotations}  # every image predicted out of fold

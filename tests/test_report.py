@@ -50,19 +50,20 @@ def images_in_browser(index: Path, tmp_path: Path) -> list[list]:
     return json.loads(html.unescape(found.group(1)))
 
 
-def assert_page_files(index: Path, expected: set[str]) -> None:
-    """Without a browser: the page fetches nothing, and its pictures are ``expected``, beside it, PNGs."""
+def assert_page_files(index: Path, expected: set[str], smallest: tuple[int, int] = (300, 150)) -> None:
+    """Without a browser: the page fetches nothing, and its pictures are ``expected``, beside it, PNGs
+    more than ``smallest`` (width, height) pixels."""
     page = index.read_text(encoding="utf-8")
     assert not re.search(r'(src|href)="(https?:)?//', page), "the page must not fetch anything"
     assert set(re.findall(r'<img src="([^"]+)"', page)) == expected
     for name in expected:
         with Image.open(index.parent / name) as image:
-            assert image.format == "PNG" and image.width > 300 and image.height > 150, name
+            assert image.format == "PNG" and image.width > smallest[0] and image.height > smallest[1], name
 
 
-def assert_page_loads(index: Path, tmp_path: Path, expected: set[str]) -> None:
+def assert_page_loads(index: Path, tmp_path: Path, expected: set[str], smallest: tuple[int, int] = (300, 150)) -> None:
     """In headless Chromium: every picture of the page loads (skips without one; fails under CI)."""
-    assert_page_files(index, expected)
+    assert_page_files(index, expected, smallest)
     loaded = images_in_browser(index, tmp_path)
     assert {src for src, *_ in loaded} == expected
     broken = [src for src, complete, width, height in loaded if not (complete and width > 0 and height > 0)]
