@@ -103,9 +103,18 @@ class Family:
     @contextlib.contextmanager
     def evaluation(self, model: nn.Module, image_size: int | None, score_floor: float) -> Iterator[nn.Module]:
         """``model`` in eval mode, detections kept from ``score_floor``, input at ``image_size``;
-        everything put back afterwards."""
-        raise NotImplementedError
-        yield model  # pragma: no cover
+        everything put back afterwards. This default serves the wrappers that keep both as plain
+        attributes (``score_thresh``, ``image_size``)."""
+        saved = (model.score_thresh, model.image_size, model.training)
+        try:
+            model.score_thresh = min(float(model.score_thresh), score_floor)
+            model.eval()
+            if image_size:
+                model.image_size = int(image_size)
+            yield model
+        finally:
+            model.score_thresh, model.image_size = saved[0], saved[1]
+            model.train(saved[2])
 
     def losses(self, model: nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return model(images, targets)
