@@ -9,7 +9,6 @@ fills in the values left to Drip (the optimizer and learning rate), and writes t
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from .. import console
 from ..config import Config
@@ -72,11 +71,5 @@ def _family_recipe(config: Config) -> Config:
 
 
 def write(session: Session, config: Config) -> None:
-    """Write ``pipeline.config`` atomically, so an interrupted write never loses the user's edits."""
-    # A permission for one resume, not a setting: kept, it would let a later resume on yet
-    # other records through without a word.
-    config = dataclasses.replace(config, allow_changed_data=False)
-    session.dl.mkdir(parents=True, exist_ok=True)
-    tmp = session.config_path.with_name(f".{session.config_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(config.to_text(), encoding="utf-8")
-    os.replace(tmp, session.config_path)
+    """Write ``pipeline.config`` atomically (``Config.write``)."""
+    config.write(session.config_path)

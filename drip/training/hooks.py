@@ -177,3 +177,49 @@ class SyncCheckHook(HookBase):
                 "trained apart: report this as a bug in Drip, with the ranks' logs"
             )
         console.info(f"weights identical on all {len(digests)} ranks after step {self.trainer.step}")
+
+
+class TimeLimitHook(HookBase):
+    """``--time_limit``: after ``PROBE`` measured steps, fix the number of steps that fits.
+
+    The first step is left out of the measure (worker start-up, allocation). The time left after
+    the probe, less a reserve for the evaluations, the model file and the report, divided by the
+    time of a step, gives the count; ``decide`` (rank 0's value on every rank) makes it one
+    number, and ``relayout(steps)`` lays the run out over it (the stage's callback: the schedule,
+    the sampler, the evaluations, pipeline.config).
+    """
+
+    PROBE = 5
+    EVALUATIONS = 4  # at a quarter, half, three quarters and the end of the steps
+    EVAL_OVERHEAD_S = 3.0  # pycocotools and the TensorBoard pictures, per evaluation
+    REPORT_S = 15.0  # the report's pictures, beyond a pass over the eval split
+
+    def __init__(self, limit_s: float, started: float, eval_images: int, decide, relayout):
+        self.limit_s, self.started, self.eval_images = float(limit_s), float(started), int(eval_images)
+        self.decide, self.relayout = decide, relayout
+        self._first = None
+        self.done = False
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if self.done:
+            return
+        now = time.time()
+        if self._first is None:
+            self._first = (now, t.step, t.excluded)
+            return
+        measured = t.step - self._first[1]
+        if measured < self.PROBE:
+            return
+        per_step = max(now - self._first[0] - (t.excluded - self._first[2]), 1e-6) / measured
+        steps = self.decide(self.steps_that_fit(per_step, t.batch_size, t.step, now))
+        self.done = True
+        self.relayout(int(steps))
+
+    def steps_that_fit(self, per_step: float, batch_size: int, step: int, now: float) -> int:
+        # Inference is about a third of a training step's forward and backward.
+        one_pass = self.eval_images * per_step / max(batch_size, 1) / 3
+        evaluations = self.EVALUATIONS if self.eval_images else 0
+        reserve = evaluations * (one_pass + self.EVAL_OVERHEAD_S) + one_pass + self.REPORT_S
+        left = self.limit_s - (now - self.started) - reserve
+        return step + max(1, int(left / per_step))
