@@ -151,7 +151,8 @@ def export(session_folder: Path, overrides: dict):
     config = ExportConfig().updated(overrides, CLI)
     model_path = resolve_model_path(config.model, Path(session_folder))
     path = _timed(
-        "export", lambda: export_model(model_path, config.format, config.output, config.image_size)
+        "export", lambda: export_model(model_path, config.format, config.output, config.image_size, config.int8,
+                                       config.calibration_images)
     )
     console.info(f"exported {model_path} as {config.format} to {path}")
     return path
