@@ -312,3 +312,25 @@ def test_train_resume_export_int8_and_onnx_parity(dataset, tmp_path):
             compared += len(ours)
             assert quantized, entry["image"]  # int8 runs and still finds what the confident model scores high
     assert compared >= 10, "the model found too little to compare"
+
+
+@pytest.mark.slow
+def test_two_processes_train_yolox_under_torchrun_with_background_only_images(tmp_path_factory, tmp_path):
+    """Real torchrun, gloo, two CPU processes: mosaic and the plain phase, a batch slice that may
+    hold only background images (two of the ten have no box), the same weights on both ranks."""
+    from PIL import Image
+    from test_distributed import SETTINGS, fresh, prepare, steps_in, train
+
+    from drip.data.dataset import ImageAnnotation
+
+    root = tmp_path_factory.mktemp("yolox ddp")
+    annotations = make_dataset(root / "images", 8, size=(96, 72), seed=5, folders=())
+    for i in range(2):
+        Image.new("RGB", (96, 72), (90 + 40 * i, 120, 60)).save(root / "images" / f"empty_{i}.jpg")
+        annotations.append(ImageAnnotation(f"empty_{i}.jpg", 96, 72, [], []))
+    settings = {k: v for k, v in SETTINGS.items() if k != "box_batch_size_per_image"}
+    prepare(root, annotations, {**settings, "network": "yolox_nano", "online_augmentation": "mosaic", "plain_fraction": 0.5})
+    session = fresh(root, tmp_path)
+    run = train(session, "--nproc_per_node", "2").finish()
+    assert "weights identical on all 2 ranks" in run.stderr
+    assert steps_in(session)[-1] == 4 and (session / "dl" / "model.pt").is_file()
