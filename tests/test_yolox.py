@@ -334,3 +334,12 @@ def test_two_processes_train_yolox_under_torchrun_with_background_only_images(tm
     run = train(session, "--nproc_per_node", "2").finish()
     assert "weights identical on all 2 ranks" in run.stderr
     assert steps_in(session)[-1] == 4 and (session / "dl" / "model.pt").is_file()
+
+
+def test_the_family_recipe_leaves_what_the_user_chose():
+    from drip.stages.configure import _family_recipe
+
+    config = Config().updated({"network": "yolox_nano", "online_augmentation": "flip"}, "test")
+    assert _family_recipe(config, set()).online_augmentation == "mosaic"  # Drip's default: the family's value
+    kept = _family_recipe(config, {"online_augmentation"})  # given as a flag, though it is Drip's default
+    assert kept.online_augmentation == "flip" and kept.weight_decay == 5e-4

@@ -42,7 +42,9 @@ def train(session_folder: Path, overrides: dict, resume: bool = False, launch: L
         config = _session_config(session, overrides, require=True)
         nproc = processes(launch, config)
         record_image(session)
-        config = _timed("configure", lambda: configure.run(session, config, check_model=False))
+        # Every value in pipeline.config was chosen already: the family's recipe changes none.
+        config = _timed("configure", lambda: configure.run(session, config, check_model=False,
+                                                           chosen=Config.fields()))
         return _timed("train", lambda: _train(session, config, True, launch, nproc))
 
     config = Config().updated(overrides, CLI)
@@ -61,7 +63,7 @@ def run_all_stages(session: Session, config: Config, launch: Launch | None, npro
     folds and final model run here too)."""
     for name in ("split", "augment", "records"):
         _timed(name, lambda: STAGE_MODULES[name].run(session, config))
-    config = _timed("configure", lambda: configure.run(session, config))
+    config = _timed("configure", lambda: configure.run(session, config, chosen=overrides))
     return _timed("train", lambda: _train(session, config, False, launch, nproc))
 
 
@@ -83,6 +85,9 @@ def run_stage(name: str, session_folder: Path, overrides: dict, resume: bool = F
     if name == "train":
         nproc = processes(launch, config)
         return _timed(name, lambda: _train(session, config, resume, launch, nproc))
+    if name == "configure":
+        chosen = set(overrides) | (set(Config.fields()) if session.config_path.is_file() else set())
+        return _timed(name, lambda: configure.run(session, config, chosen=chosen))
     result = _timed(name, lambda: STAGE_MODULES[name].run(session, config))
     if name != "configure":
         configure.write(session, config)
