@@ -121,7 +121,8 @@ def test_the_recipe_is_the_authors():
     groups = detectors.param_groups(nano(), "sgd")
     assert all(g["nesterov"] for g in groups)
     assert {g["decay"] for g in groups} == {True, False}
-    assert detectors.default_optimizer("yolox_nano", 100) == "sgd"
+    assert models.resolve_optimizer("auto", 100, "yolox_nano") == "adamw"  # short runs: Drip's rule
+    assert models.resolve_optimizer("auto", 100_000, "yolox_nano") == "sgd"  # the authors' long schedule
     assert math.isclose(detectors.default_learning_rate("yolox_s", 64, "sgd"), 0.01)
     recipe = detectors.recipe("yolox_nano")
     assert recipe["online_augmentation"] == "mosaic" and recipe["plain_fraction"] > 0 and recipe["weight_decay"] == 5e-4
