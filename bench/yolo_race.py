@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from drip.data.synthetic import CLASSES, draw_scene, write_yolo_labels  # noqa: E402
 from drip.data.dataset import ImageAnnotation  # noqa: E402
+from drip.data.synthetic import CLASSES, draw_scene, write_yolo_labels  # noqa: E402
 from drip.detectors import models  # noqa: E402
 from drip.evaluation.metrics import ImageDetections, ImageTruth, coco_metrics, predict  # noqa: E402
 
@@ -84,6 +84,9 @@ def main(argv=None) -> int:
                         help="a further Drip flag for the Drip run (repeatable)")
     parser.add_argument("--ultralytics-python", default="/tmp/ultra/bin/python")
     parser.add_argument("--skip-ultralytics", action="store_true")
+    parser.add_argument("--together", action="store_true",
+                        help="train both at once, each given --minutes (fair on a machine whose load changes; each "
+                             "gets about half of it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -94,9 +97,20 @@ def main(argv=None) -> int:
     data = make_data(work / "data", args)
     print(f"workdir {work}; {args.scenes} scenes: {args.train_images} train, {args.valid_images} valid, "
           f"{args.test_images} test at {SCENES[args.scenes][0]}", flush=True)
-    results = {"drip": run_drip(work, data, args)}
-    if not args.skip_ultralytics:
-        results["ultralytics"] = run_ultralytics(work, data, args, results["drip"]["seconds"])
+    if args.together and not args.skip_ultralytics:
+        import threading
+
+        results = {}
+        rival = threading.Thread(target=lambda: results.__setitem__(
+            "ultralytics", run_ultralytics(work, data, args, args.minutes * 60)))
+        rival.start()
+        results["drip"] = run_drip(work, data, args)
+        rival.join()
+        results = {"drip": results["drip"], "ultralytics": results["ultralytics"]}
+    else:
+        results = {"drip": run_drip(work, data, args)}
+        if not args.skip_ultralytics:
+            results["ultralytics"] = run_ultralytics(work, data, args, results["drip"]["seconds"])
     print(f"\nfrom scratch on {args.scenes} scenes at {args.image_size} px, the same wall-clock "
           f"({results['drip']['seconds']:.0f} s), scored on {args.test_images} held-out images:")
     for name, r in results.items():
@@ -137,7 +151,7 @@ def truths(data: dict) -> list[ImageTruth]:
 
 def run_drip(work: Path, data: dict, args) -> dict:
     session = work / "drip"
-    command = [sys.executable, "-m", "drip", "train", "--runtime", "local", "--session_folder", str(session),
+    command = [sys.executable, "-m", "drip", "train", "--session_folder", str(session),
                "--src_json_path", str(data["yaml"]), "--network", args.network, "--weights", "none",
                "--image_size", str(args.image_size), "--time_limit", str(args.minutes), "--device", "cpu",
                "--seed", str(args.seed)]
