@@ -8,7 +8,7 @@ Prints AP50 and AP (pycocotools, ``drip.evaluation.metrics``) and the median mil
 image, with one thread and with every core, for each model.
 
     .venv/bin/python bench/int8.py --session /tmp/yolox-session
-    .venv/bin/python bench/int8.py --session S --test-images DIR --test-json DIR/metadata.json
+    .venv/bin/python bench/int8.py --session S --test-images DIR --test-json DIR/metadata.json --image-size 320
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--test-json", type=Path, default=None, help="their annotations (Drip JSON, COCO, ...)")
     parser.add_argument("--synthetic", type=int, default=100, help="synthetic test images when --test-images is not given")
     parser.add_argument("--size", default="160x120", help="synthetic image size WxH")
+    parser.add_argument("--image-size", type=int, default=None, help="export at this size (default: the model's)")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="drip-int8-"))
@@ -53,12 +54,13 @@ def main(argv=None) -> int:
     model_pt = args.session / "dl" / "model.pt"
     paths = {"fp32": work / "model.onnx", "int8": work / "model.int8.onnx"}
     started = time.perf_counter()
-    assert cli.main(["export", "--model", str(model_pt), "--output", str(paths["fp32"])]) == 0
+    sized = ["--image_size", str(args.image_size)] if args.image_size else []
+    assert cli.main(["export", "--model", str(model_pt), "--output", str(paths["fp32"]), *sized]) == 0
     exported = time.perf_counter()
-    assert cli.main(["export", "--model", str(model_pt), "--output", str(paths["int8"]), "--int8"]) == 0
+    assert cli.main(["export", "--model", str(model_pt), "--output", str(paths["int8"]), "--int8", *sized]) == 0
     print(f"export: fp32 {exported - started:.1f} s, int8 (with calibration) {time.perf_counter() - exported:.1f} s")
 
-    annotations = load_for_scoring(args.test_json, args.test_images)
+    annotations = load_for_scoring(args.test_json, args.test_images).relative_to(args.test_images)
     rows = {}
     for name, path in paths.items():
         model = load_onnx(path)

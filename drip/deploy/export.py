@@ -108,7 +108,7 @@ def export(
             fp32 = output.with_name(f".{output.name}.fp32-{os.getpid()}.onnx")  # only the quantized model is kept
             try:
                 _export_onnx(loaded, size, fp32, model_path)
-                quantize(fp32, tmp, images)
+                quantize(fp32, tmp, images, detectors.family(loaded.network).int8_body)
             finally:
                 fp32.unlink(missing_ok=True)
         elif fmt == "onnx":

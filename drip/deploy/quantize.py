@@ -26,13 +26,18 @@ import numpy as np
 from ..errors import ConfigError, ModelError
 
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
+# Inside a family's int8 body (``Family.int8_body``) the operators between the convolutions too:
+# otherwise every activation dequantizes and quantizes again, which cost more than int8 saved
+# (YOLOX-Nano at 640 px: 73 ms against fp32's 59, 30 ms with its body in int8).
+BODY_OPS = ["Conv", "MatMul", "Gemm", "Sigmoid", "Mul", "Add", "Concat", "MaxPool", "Resize", "Relu"]
 CALIBRATION_IMAGES = 64  # at most this many images calibrate the activation ranges
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def quantize(fp32: Path, output: Path, calibration: Iterable[np.ndarray]) -> None:
+def quantize(fp32: Path, output: Path, calibration: Iterable[np.ndarray], body: tuple[str, ...] = ()) -> None:
     """Write ``output``, the int8 version of the ONNX model ``fp32``, calibrated on ``calibration``
-    (float32 3xHxW images in 0..1, resized as the model takes them)."""
+    (float32 3xHxW images in 0..1, resized as the model takes them). ``body``: the node-name
+    prefixes whose every operator may run in int8 (``Family.int8_body``)."""
     import onnx
 
     try:
@@ -54,10 +59,14 @@ def quantize(fp32: Path, output: Path, calibration: Iterable[np.ndarray]) -> Non
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs advice to the root logger ("consider pre-processing")
+    which = {"op_types_to_quantize": QUANTIZED_OPS}
+    if body:
+        nodes = [n.name for n in onnx.load(str(fp32)).graph.node if n.name.startswith(body) and n.op_type in BODY_OPS]
+        which = {"op_types_to_quantize": BODY_OPS, "nodes_to_quantize": nodes}
     try:
         quantize_static(
-            str(fp32), str(output), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
-            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(fp32), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **which,
         )
     except Exception as exc:  # noqa: BLE001 - the quantizer fails in many types
         text = str(exc).strip().splitlines()

@@ -50,6 +50,10 @@ class Family:
     networks: dict[str, Any] = {}  # network name -> the family's own description of it
     refused: dict[str, str] = {}  # names known but not offered (a licence) -> why, in one line
     start_points: tuple[str, ...] = ("coco", "none")
+    # drip export --int8: the ONNX node-name prefixes of the network's body, where every operator
+    # (activations, sums, concatenations) may run in int8; empty: only convolutions and matrix
+    # products are quantized. Box decoding and NMS must stay outside these.
+    int8_body: tuple[str, ...] = ()
 
     # -- building ------------------------------------------------------------------------------
     def owns(self, model: nn.Module) -> bool:

@@ -203,6 +203,10 @@ class Yolox(Family):
     name = "yolox"
     networks = NETWORKS
     start_points = ("coco", "none")
+    # The backbone, the neck and the head's layers; the head's box decoding (its own top-level
+    # ops) and the wrapper's post-processing stay float.
+    int8_body = ("/backbone/", "/head/stems", "/head/cls_convs", "/head/reg_convs", "/head/cls_preds",
+                 "/head/reg_preds", "/head/obj_preds")
 
     def owns(self, model: nn.Module) -> bool:
         return isinstance(model, YoloxDetector)
