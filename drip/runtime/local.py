@@ -55,15 +55,16 @@ def train(session_folder: Path, overrides: dict, resume: bool = False, launch: L
         console.info(f"moved the previous session to {moved}")
     console.info(f"new session in {session.dl}")
     record_image(session)
-    return run_all_stages(session, config, launch, nproc)
+    return run_all_stages(session, config, launch, nproc, chosen=overrides)
 
 
-def run_all_stages(session: Session, config: Config, launch: Launch | None, nproc: int):
+def run_all_stages(session: Session, config: Config, launch: Launch | None, nproc: int, chosen=()):
     """Every stage, in order, in ``session`` as it is (``train`` starts it; ``drip audit``'s
-    folds and final model run here too)."""
+    folds and final model run here too). ``chosen``: the values the user set, which the network
+    family's recipe leaves alone."""
     for name in ("split", "augment", "records"):
         _timed(name, lambda: STAGE_MODULES[name].run(session, config))
-    config = _timed("configure", lambda: configure.run(session, config, chosen=overrides))
+    config = _timed("configure", lambda: configure.run(session, config, chosen=chosen))
     return _timed("train", lambda: _train(session, config, False, launch, nproc))
 
 
