@@ -254,7 +254,7 @@ class Config(_Schema):
         "Augmentation drawn afresh for every training sample, on top of the copies the augment "
         "stage wrote: 'flip' (horizontal flip), 'jitter' (the flip, a random zoom in or out of "
         "the frame and a brightness/contrast/saturation change: for long runs; in short ones it "
-        "slows learning), 'mosaic' (the YOLO recipe: four images tiled around a random centre, a "
+        "slows learning), 'mosaic' (the YOLO recipe for long runs: four images tiled around a random centre, a "
         "random scale, rotation, shear and shift, a hue/saturation/brightness change and the flip) "
         "or 'none'. Decided per sample from the seed, so a resumed run sees the same images.",
         "train",
@@ -263,8 +263,8 @@ class Config(_Schema):
     plain_fraction: float = _opt(
         0.0,
         "The last fraction of the steps trains with only the flip as online augmentation: the "
-        "model ends on images as inference sees them (YOLOX's 'no augmentation' epochs; the YOLOX "
-        "networks' recipe sets 0.15).",
+        "model ends on images as inference sees them (YOLOX's 'no augmentation' epochs: 0.15 with "
+        "--online_augmentation mosaic).",
         "train",
         low=0.0,
         high=1.0,

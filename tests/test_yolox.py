@@ -125,7 +125,7 @@ def test_the_recipe_is_the_authors():
     assert models.resolve_optimizer("auto", 100_000, "yolox_nano") == "sgd"  # the authors' long schedule
     assert math.isclose(detectors.default_learning_rate("yolox_s", 64, "sgd"), 0.01)
     recipe = detectors.recipe("yolox_nano")
-    assert recipe["online_augmentation"] == "mosaic" and recipe["plain_fraction"] > 0 and recipe["weight_decay"] == 5e-4
+    assert recipe == {"weight_decay": 5e-4, "ema_decay": 0.9998}  # mosaic is opt-in: it lost short runs
     optimizer = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
     assert all(g["nesterov"] for g in optimizer.param_groups)
 
@@ -340,7 +340,7 @@ def test_two_processes_train_yolox_under_torchrun_with_background_only_images(tm
 def test_the_family_recipe_leaves_what_the_user_chose():
     from drip.stages.configure import _family_recipe
 
-    config = Config().updated({"network": "yolox_nano", "online_augmentation": "flip"}, "test")
-    assert _family_recipe(config, set()).online_augmentation == "mosaic"  # Drip's default: the family's value
-    kept = _family_recipe(config, {"online_augmentation"})  # given as a flag, though it is Drip's default
-    assert kept.online_augmentation == "flip" and kept.weight_decay == 5e-4
+    config = Config().updated({"network": "yolox_nano", "weight_decay": 1e-4}, "test")
+    assert _family_recipe(config, set()).weight_decay == 5e-4  # Drip's default: the family's value
+    kept = _family_recipe(config, {"weight_decay"})  # given as a flag, though it is Drip's default
+    assert kept.weight_decay == 1e-4 and kept.ema_decay == 0.9998
