@@ -506,7 +506,6 @@ class Transformers(Family):
         model.net = _ready(_fresh_head(model.net, config))
 
     def from_weights_file(self, network: str, num_classes: int, path, cache_dir, source: str, classes=None) -> nn.Module:
-        spec = NETWORKS[network]
         path = Path(path)
         if path.is_dir():
             return _from_pretrained(network, path, num_classes, classes, source=source)
