@@ -176,7 +176,7 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
         trainer.fixed_steps = fixed_steps
         if config.time_limit and not fixed_steps:
             if trainer.bar is None and writes:
-                console.info(f"--time_limit {config.time_limit:g} min: measuring a few steps to fix the number of steps")
+                console.info(f"--time_limit {config.time_limit:g} min: timing a few seconds of steps to fix their number")
 
             def relayout(steps: int) -> None:
                 nonlocal config
