@@ -192,7 +192,7 @@ def test_time_limit_arithmetic_leaves_room_for_the_evaluations_and_the_report():
     hook = TimeLimitHook(limit_s=600, started=1000.0, eval_images=40, decide=lambda n: n, relayout=None)
     # 100 s gone at step 10, 2 s a step of 4 images: an eval pass is 40 / 4 * 2 / 3 = 6.67 s.
     steps = hook.steps_that_fit(per_step=2.0, batch_size=4, step=10, now=1100.0)
-    reserve = 4 * (6.67 + hook.EVAL_OVERHEAD_S) + 6.67 + hook.REPORT_S
+    reserve = 4 * (6.67 + hook.EVAL_OVERHEAD_S) + 6.67 + hook.REPORT_S + hook.MARGIN_S + 0.02 * 600
     assert steps == 10 + int((500 - reserve) / 2.0)
     assert hook.steps_that_fit(per_step=2.0, batch_size=4, step=10, now=2000.0) == 11  # over time: one more step
 

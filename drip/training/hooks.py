@@ -197,6 +197,9 @@ class TimeLimitHook(HookBase):
     EVALUATIONS = 4  # at a quarter, half, three quarters and the end of the steps
     EVAL_OVERHEAD_S = 3.0  # pycocotools and the TensorBoard pictures, per evaluation
     REPORT_S = 8.0  # the report's pictures, beyond a pass over the eval split (3 s measured)
+    # Python's start and imports before the clock starts (3-4 s), and 2% for steps that slow down:
+    # a 7-minute race's whole command took 423 s without it.
+    MARGIN_S, MARGIN_FRACTION = 4.0, 0.02
 
     def __init__(self, limit_s: float, started: float, eval_images: int, decide, relayout):
         self.limit_s, self.started, self.eval_images = float(limit_s), float(started), int(eval_images)
@@ -227,5 +230,6 @@ class TimeLimitHook(HookBase):
         one_pass = self.eval_images * per_step / max(batch_size, 1) / 3
         evaluations = self.EVALUATIONS if self.eval_images else 0
         reserve = evaluations * (one_pass + self.EVAL_OVERHEAD_S) + one_pass + self.REPORT_S
+        reserve += self.MARGIN_S + self.MARGIN_FRACTION * self.limit_s
         left = self.limit_s - (now - self.started) - reserve
         return step + max(1, int(left / per_step))
