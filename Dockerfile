@@ -21,8 +21,9 @@ RUN python3 -m venv /opt/drip
 
 # The requirements get their own layer, before the code: PyTorch and its CUDA libraries are
 # gigabytes, and a change to Drip's code must not download them again.
-COPY requirements.txt /opt/drip-src/requirements.txt
-RUN pip install --no-cache-dir -r /opt/drip-src/requirements.txt
+COPY requirements.txt requirements-nodeps.txt /opt/drip-src/
+RUN pip install --no-cache-dir -r /opt/drip-src/requirements.txt \
+    && pip install --no-cache-dir --no-deps -r /opt/drip-src/requirements-nodeps.txt
 
 # The package (the context holds only what .dockerignore lets in).
 COPY . /opt/drip-src/

@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import os
 import sys
+import time
 from pathlib import Path
 
 from .config import CLI, AuditConfig, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig, SelectConfig
@@ -148,12 +149,15 @@ def add_schema_flags(parser: argparse.ArgumentParser, schema) -> None:
         )
         aliases = [f"--{a}" for a in meta.get("aliases", ())]
         also = f"; also {', '.join(aliases)}" if aliases else ""
+        # A yes/no flag alone means yes: --int8 is --int8 true.
+        bare = {"nargs": "?", "const": "true"} if str(f.type) == "bool" else {}
         group.add_argument(
             f"--{f.name}",
             *aliases,
             dest=f.name,
             default=argparse.SUPPRESS,
             metavar=metavar,
+            **bare,
             help=f"{meta['help']} (default: {shown}{also})".replace("%", "%%"),
         )
 
@@ -561,6 +565,8 @@ def run_in_runtime(command: str, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # --time_limit counts from here (the train stage reads it; torchrun's workers inherit it).
+    os.environ["DRIP_STARTED_AT"] = repr(time.time())
     args = build_parser().parse_args(argv)
     if args.command == "doctor":  # host side: needs the Docker SDK, not PyTorch
         from .runtime import docker

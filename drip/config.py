@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,7 @@ class Config(_Schema):
     # -- model --------------------------------------------------------------------------------
     network: str = _opt(
         "fasterrcnn_mobilenet_v3_large_fpn",
-        "A detector by name (see 'drip networks': torchvision's, D-FINE, RT-DETRv2) or the "
+        "A detector by name (see 'drip networks': torchvision's, YOLOX, D-FINE, RT-DETRv2) or the "
         "path of a model file exported by Drip (or of a .zip holding one). The default trains fast on a laptop CPU "
         "and well on a GPU.",
         "model",
@@ -205,6 +206,15 @@ class Config(_Schema):
         "Training steps in total (also when resuming: training stops at this step).",
         "train",
         low=1,
+    )
+    time_limit: float | None = _opt(
+        None,
+        "Train for this many minutes instead of --number_of_steps: after a few measured steps the "
+        "number of steps that fits (leaving time for the last evaluation and the model file) is "
+        "fixed once and written into pipeline.config, and the schedule (warmup, decay, the final "
+        "plain part, evaluations) is laid out over it. A resumed run trains to that recorded count.",
+        "train",
+        low=0.1,
     )
     learning_rate: float | None = _opt(
         None,
@@ -244,10 +254,20 @@ class Config(_Schema):
         "Augmentation drawn afresh for every training sample, on top of the copies the augment "
         "stage wrote: 'flip' (horizontal flip), 'jitter' (the flip, a random zoom in or out of "
         "the frame and a brightness/contrast/saturation change: for long runs; in short ones it "
-        "slows learning) or 'none'. Decided per sample from the seed, so a resumed run sees the "
-        "same images.",
+        "slows learning), 'mosaic' (the YOLO recipe for long runs: four images tiled around a random centre, a "
+        "random scale, rotation, shear and shift, a hue/saturation/brightness change and the flip) "
+        "or 'none'. Decided per sample from the seed, so a resumed run sees the same images.",
         "train",
-        choices=("jitter", "flip", "none"),
+        choices=("jitter", "mosaic", "flip", "none"),
+    )
+    plain_fraction: float = _opt(
+        0.0,
+        "The last fraction of the steps trains with only the flip as online augmentation: the "
+        "model ends on images as inference sees them (YOLOX's 'no augmentation' epochs: 0.15 with "
+        "--online_augmentation mosaic).",
+        "train",
+        low=0.0,
+        high=1.0,
     )
     ema: bool = _opt(
         True,
@@ -370,6 +390,17 @@ class Config(_Schema):
             lines += [f"# {chunk}" for chunk in _wrap(_describe(f), 96)]
             lines.append(f"{f.name}: {_yaml_scalar(getattr(self, f.name))}")
         return "\n".join(lines) + "\n"
+
+    def write(self, path: Path) -> None:
+        """Write ``pipeline.config`` atomically, so an interrupted write never loses the user's edits."""
+        # A permission for one resume, not a setting: kept, it would let a later resume on yet
+        # other records through without a word.
+        text = dataclasses.replace(self, allow_changed_data=False).to_text()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
 
     @classmethod
     def read(cls, path: Path) -> "Config":
@@ -713,4 +744,17 @@ class ExportConfig(_Schema):
         "model",
         low=32,
         high=4096,
+    )
+    int8: bool = _opt(
+        False,
+        "With --format onnx: write a statically quantized int8 model (ONNX Runtime's quantization; "
+        "by default model.int8.onnx), faster on a CPU, calibrated on the session's eval images or "
+        "on --calibration_images. Check its AP against the fp32 model with drip evaluate.",
+        "model",
+    )
+    calibration_images: str | None = _opt(
+        None,
+        "With --int8: a folder of images like the ones the model will see, to calibrate the int8 "
+        "ranges on (at most 64 are used). By default the eval split of the model's session.",
+        "data",
     )

@@ -17,7 +17,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 extras=""
-files="requirements.txt pyproject.toml"
+files="requirements.txt requirements-nodeps.txt pyproject.toml"
 if [ "${1:-}" = "--test" ]; then
     extras="[test]"
     files="$files requirements-test.txt"
@@ -25,10 +25,12 @@ fi
 stamp=".venv/.drip-installed$extras"
 want=$(cat $files | sha256sum | cut -c1-16)
 # An install with the test tools (scripts/test.sh) that is still current holds all Drip needs.
-with_tests=$(cat requirements.txt pyproject.toml requirements-test.txt | sha256sum | cut -c1-16)
+with_tests=$(cat requirements.txt requirements-nodeps.txt pyproject.toml requirements-test.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] && [ "$(cat ".venv/.drip-installed[test]" 2>/dev/null)" != "$with_tests" ]; then
     echo "[drip] installing Drip and its dependencies into .venv (PyTorch is large: a few minutes the first time)" >&2
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e ".$extras"
+    # Without their dependencies: they ask for the GUI build of OpenCV (see the file).
+    .venv/bin/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
     echo "$want" > "$stamp"
 fi

@@ -272,3 +272,25 @@ def test_drip_audit_end_to_end_writes_the_issues_the_page_and_a_session(tmp_path
     report_page = folder / "dl" / "report" / "index.html"
     assert 'href="../audit/index.html"' in report_page.read_text()
     images_in_browser(report_page, tmp_path)  # loads
+
+
+@pytest.mark.parametrize("given, trained", [({}, "yolox_nano"), ({"network": "fasterrcnn_mobilenet_v3_large_fpn"},
+                                                                  "fasterrcnn_mobilenet_v3_large_fpn")])
+def test_drip_audit_trains_yolox_nano_unless_a_network_is_given(tmp_path, dataset, monkeypatch, given, trained):
+    """A mock of the training only: which network the folds would train, with and without --network."""
+    from drip.data.synthetic import write_drip_json
+    from drip.runtime import audit, local
+
+    class Trained(Exception):
+        pass
+
+    def train(session, config, *args, **kwargs):
+        raise Trained(config.network)
+
+    monkeypatch.setattr(local, "run_all_stages", train)
+    labels = tmp_path / "labels.json"
+    write_drip_json(labels, list(dataset["annotations"]))
+    with pytest.raises(Trained) as caught:
+        audit.audit(tmp_path / "session", {"src_json_path": str(labels), "image_folder_path": str(dataset["images"]),
+                                           **given}, {})
+    assert str(caught.value) == trained

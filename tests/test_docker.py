@@ -376,6 +376,27 @@ def test_training_in_the_container_on_the_gpu(drip_image, workdir, user):
     assert owned_by(session, *user[:2]) == []
 
 
+def test_yolox_trains_and_infers_in_the_container(drip_image, workdir, user):
+    """The image holds YOLOX (pixeltable-yolox, installed --no-deps beside the headless OpenCV):
+    it trains two steps from scratch and its session's model infers, both in the container."""
+    rc, out = finish(starter("training_starter.py", [
+        *RUNTIME_BRIDGE, "--network", "yolox_nano", "--weights", "none", "--image_size", "128", "--batch_size", "2",
+        "--augmentations", "0", "--number_of_steps", "2", "--warmup_steps", "1", "--num_workers", "0",
+        "--src_json_path", "files/metadata.json", "--image_folder_path", "files/images",
+        "--class_map_path", "files/class_map.pbtxt", "--session_folder", "yolox", "--tensorboard_port", "0",
+    ], workdir, user))
+    assert rc == 0, out[-3000:]
+    assert (workdir / "yolox" / "dl" / "model.pt").is_file()
+    rc, out = finish(starter("inference_starter.py", [
+        *RUNTIME, "--model", "yolox", "--images_path", "files/test images", "--results_path", "yolox results",
+        "--threshold", "0",
+    ], workdir, user))
+    assert rc == 0, out[-3000:]
+    found = [json.loads(p.read_text()) for p in (workdir / "yolox results").rglob("detections.json")]
+    assert found and all(isinstance(f, dict) for f in found)
+    assert owned_by(workdir / "yolox", *user[:2]) == []
+
+
 def test_two_cpu_processes_train_under_torchrun_in_the_container(drip_image, workdir, user):
     """The container runs torchrun itself: two CPU ranks, rank 0 writing, every rank its log."""
     proc = starter("training_starter.py", [

@@ -18,8 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The whole quick start (300 steps, about 4 minutes on 2 cores), not a shortened one: the objects
-# are found in the last hundred steps (after 200, every object was found on 2 of the 8 images).
+# The whole quick start (1200 steps, about 3-4 minutes on 2 cores), not a shortened one: after
+# 600 steps every object was found on only 3 of the 8 images.
 
 
 def quickstart_copy(tmp_path: Path) -> Path:

@@ -33,13 +33,14 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import SessionError
 from ..session import Session, read_json
+from . import mosaic
 from .labelmap import LabelMap
 from .tfrecord import decode_example, index_records, read_record_at
 
 # A sample key is either a plain record index (no augmentation) or, in training, the pair
 # (global sample counter, record index) that ``StepBatchSampler`` yields: the counter seeds the
 # sample's augmentation.
-SampleKey = int | tuple[int, int]
+SampleKey = int | tuple[int, int] | tuple[int, int, str]
 
 # What ``RecordDataset`` draws afresh for every training sample, on top of the augment stage's
 # copies on disk. ``jitter`` follows what detection recipes apply online (torchvision's
@@ -50,7 +51,7 @@ SampleKey = int | tuple[int, int]
 #   are seen at more sizes and positions while the input keeps its size (the detector's own
 #   transform would undo a plain resize);
 # - brightness, contrast and saturation each scaled by a factor from 0.75 to 1.25.
-ONLINE_AUGMENTATIONS = ("jitter", "flip", "none")
+ONLINE_AUGMENTATIONS = ("jitter", "mosaic", "flip", "none")
 _ZOOM = (0.75, 4 / 3)
 _ZOOM_P = 0.5
 _COLOUR = 0.25
@@ -71,8 +72,9 @@ class RecordDataset(Dataset):
     """Detection samples read from TFRecord shards written by the records stage.
 
     ``train`` turns on the ``augmentation`` done here (one of ``ONLINE_AUGMENTATIONS``; ``flip``
-    is a horizontal flip with probability 0.5) for samples keyed ``(counter, index)``; the
-    heavier augmentation was already written to disk by the augment stage.
+    is a horizontal flip with probability 0.5; ``mosaic`` is ``drip.data.mosaic``'s, drawing three
+    more records) for samples keyed ``(counter, index)``; the heavier augmentation was already
+    written to disk by the augment stage.
     ``num_classes`` (label-map size, background excluded), when given, makes a label outside
     1..num_classes an error naming the record instead of a crash deep inside the model.
     """
@@ -127,7 +129,26 @@ class RecordDataset(Dataset):
         self._files = {}
 
     def __getitem__(self, key: SampleKey):
-        counter, index = key if isinstance(key, tuple) else (None, key)
+        """``index``, or ``(counter, index)``, or ``(counter, index, augmentation)``: the sampler
+        names the augmentation of the training phase the sample falls in (``plain_fraction``)."""
+        augmentation = self.augmentation
+        if isinstance(key, tuple) and len(key) == 3:
+            counter, index, augmentation = key
+        else:
+            counter, index = key if isinstance(key, tuple) else (None, key)
+        image, boxes, labels = self._read(index)
+        if self.train and counter is not None and augmentation != "none":
+            seed = sample_seed(self.seed, counter)
+            if augmentation == "mosaic":
+                generator = torch.Generator().manual_seed(seed)
+                image, boxes, labels = mosaic.augment((image, boxes, labels), self._read, len(self), self.image_size,
+                                                      generator)
+            else:
+                image, boxes, labels = augment_sample(image, boxes, labels, seed, augmentation)
+        return image, {"boxes": boxes, "labels": labels}
+
+    def _read(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Record ``index`` as it is: the image resized, its boxes in its pixels, its labels."""
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} is out of range (the dataset has {len(self)})")
         shard = self._shard[index]
@@ -156,12 +177,7 @@ class RecordDataset(Dataset):
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         # Boxes under a pixel at this size cannot be learned, and torchvision rejects empty ones.
         keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
-        boxes, labels = boxes[keep], labels[keep]
-
-        if self.train and counter is not None and self.augmentation != "none":
-            image, boxes, labels = augment_sample(image, boxes, labels, sample_seed(self.seed, counter), self.augmentation)
-
-        return image, {"boxes": boxes, "labels": labels}
+        return image, boxes[keep], labels[keep]
 
 
 def augment_sample(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, seed: int, augmentation: str):
@@ -266,12 +282,19 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     augmentation (see ``RecordDataset``).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, num_steps: int):
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, num_steps: int, plain_fraction: float = 0.0,
+                 plain: str = "flip"):
         if n < 1:
             raise SessionError("the training set is empty; check the split and records stages")
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
         self.start_step, self.num_steps = int(start_step), int(num_steps)
+        self.plain_fraction, self.plain = float(plain_fraction), plain
         self._perms: dict[int, torch.Tensor] = {}
+
+    @property
+    def plain_from(self) -> int:
+        """The first step of the final plain phase (``num_steps`` without one)."""
+        return self.num_steps - round(self.plain_fraction * self.num_steps)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         perm = self._perms.get(epoch)
@@ -284,13 +307,20 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
             self._perms[epoch] = perm
         return perm
 
-    def batch(self, step: int) -> list[tuple[int, int]]:
+    def batch(self, step: int) -> list[tuple]:
+        """Step ``step``'s samples; in the final plain phase each names its augmentation too."""
         first = step * self.batch_size
-        return [(g, int(self._permutation(g // self.n)[g % self.n])) for g in range(first, first + self.batch_size)]
+        picked = [(g, int(self._permutation(g // self.n)[g % self.n])) for g in range(first, first + self.batch_size)]
+        if step >= self.plain_from:
+            return [(g, index, self.plain) for g, index in picked]
+        return picked
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in range(self.start_step, self.num_steps):
+    def __iter__(self) -> Iterator[list[tuple]]:
+        # ``num_steps`` is read at every step: --time_limit fixes it once training has measured a few.
+        step = self.start_step
+        while step < self.num_steps:
             yield self.batch(step)
+            step += 1
 
     def __len__(self) -> int:
         return max(0, self.num_steps - self.start_step)

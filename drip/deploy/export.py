@@ -60,10 +60,12 @@ INPUT_LAYOUT = (
 )
 
 
-def default_output(model_path: Path, fmt: str) -> Path:
-    """Where ``drip export`` writes by default: beside the model file, the format's suffix."""
+def default_output(model_path: Path, fmt: str, int8: bool = False) -> Path:
+    """Where ``drip export`` writes by default: beside the model file, the format's suffix
+    (``model.int8.onnx`` with ``--int8``)."""
     model_path = Path(model_path)
-    return model_path.with_name(model_path.name.removesuffix(model_path.suffix) + SUFFIXES[fmt])
+    suffix = ".int8.onnx" if int8 else SUFFIXES[fmt]
+    return model_path.with_name(model_path.name.removesuffix(model_path.suffix) + suffix)
 
 
 def export(
@@ -71,13 +73,20 @@ def export(
     fmt: str = "onnx",
     output: Path | None = None,
     image_size: int | None = None,
+    int8: bool = False,
+    calibration_images: str | None = None,
 ) -> Path:
-    """Write the Drip model file ``model_path`` as ``fmt`` to ``output``; return the path written."""
+    """Write the Drip model file ``model_path`` as ``fmt`` to ``output``; return the path written.
+
+    ``int8`` (ONNX only) writes the statically quantized model instead (``drip.deploy.quantize``),
+    calibrated on ``calibration_images`` (a folder) or the model's session's eval images."""
     fmt = str(fmt).strip().lower()
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: not a format Drip exports; use one of {', '.join(FORMATS)}")
+    if int8 and fmt != "onnx":
+        raise ConfigError(f"--int8 applies to --format onnx (ONNX Runtime's quantization), not {fmt}; drop --int8")
     model_path = Path(model_path)
-    output = Path(output) if output is not None else default_output(model_path, fmt)
+    output = Path(output) if output is not None else default_output(model_path, fmt, int8)
     if fmt == "onnx" and output.suffix.lower() != ".onnx":
         raise ConfigError(
             f"--output {output}: an ONNX model's name must end in .onnx (drip infer tells "
@@ -91,7 +100,18 @@ def export(
     size = int(image_size or loaded.image_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     with _atomic(output) as tmp:
-        if fmt == "onnx":
+        if int8:
+            from .quantize import calibration_images as read_calibration
+            from .quantize import quantize
+
+            images = read_calibration(model_path, calibration_images, size)
+            fp32 = output.with_name(f".{output.name}.fp32-{os.getpid()}.onnx")  # only the quantized model is kept
+            try:
+                _export_onnx(loaded, size, fp32, model_path)
+                quantize(fp32, tmp, images, detectors.family(loaded.network).int8_body)
+            finally:
+                fp32.unlink(missing_ok=True)
+        elif fmt == "onnx":
             _export_onnx(loaded, size, tmp, model_path)
         else:
             _export_torchscript(loaded, size, tmp, model_path)

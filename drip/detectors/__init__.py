@@ -3,7 +3,8 @@ family a network belongs to.
 
 Training, evaluation, inference, export and the ONNX path call these functions; none reaches into
 a network or imports a stage. Each function finds the family (``drip.detectors.tv`` for
-torchvision's detectors, ``drip.detectors.hf`` for the Hugging Face ``transformers`` ones) of a
+torchvision's detectors, ``drip.detectors.hf`` for the Hugging Face ``transformers`` ones,
+``drip.detectors.yolox`` for YOLOX) of a
 network name or of a built model and asks it. The calling convention of a built model is
 described in ``drip.detectors.base``.
 
@@ -41,6 +42,11 @@ FAMILIES: list[Family] = [TORCHVISION]
 from .hf import TRANSFORMERS  # noqa: E402
 
 FAMILIES.append(TRANSFORMERS)
+
+# YOLOX (pixeltable-yolox): likewise imported only when one of its networks is built.
+from .yolox import YOLOX  # noqa: E402
+
+FAMILIES.append(YOLOX)
 
 
 # -- which family ------------------------------------------------------------------------------

@@ -50,6 +50,10 @@ class Family:
     networks: dict[str, Any] = {}  # network name -> the family's own description of it
     refused: dict[str, str] = {}  # names known but not offered (a licence) -> why, in one line
     start_points: tuple[str, ...] = ("coco", "none")
+    # drip export --int8: the ONNX node-name prefixes of the network's body, where every operator
+    # (activations, sums, concatenations) may run in int8; empty: only convolutions and matrix
+    # products are quantized. Box decoding and NMS must stay outside these.
+    int8_body: tuple[str, ...] = ()
 
     # -- building ------------------------------------------------------------------------------
     def owns(self, model: nn.Module) -> bool:
@@ -103,9 +107,18 @@ class Family:
     @contextlib.contextmanager
     def evaluation(self, model: nn.Module, image_size: int | None, score_floor: float) -> Iterator[nn.Module]:
         """``model`` in eval mode, detections kept from ``score_floor``, input at ``image_size``;
-        everything put back afterwards."""
-        raise NotImplementedError
-        yield model  # pragma: no cover
+        everything put back afterwards. This default serves the wrappers that keep both as plain
+        attributes (``score_thresh``, ``image_size``)."""
+        saved = (model.score_thresh, model.image_size, model.training)
+        try:
+            model.score_thresh = min(float(model.score_thresh), score_floor)
+            model.eval()
+            if image_size:
+                model.image_size = int(image_size)
+            yield model
+        finally:
+            model.score_thresh, model.image_size = saved[0], saved[1]
+            model.train(saved[2])
 
     def losses(self, model: nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return model(images, targets)

@@ -506,7 +506,6 @@ class Transformers(Family):
         model.net = _ready(_fresh_head(model.net, config))
 
     def from_weights_file(self, network: str, num_classes: int, path, cache_dir, source: str, classes=None) -> nn.Module:
-        spec = NETWORKS[network]
         path = Path(path)
         if path.is_dir():
             return _from_pretrained(network, path, num_classes, classes, source=source)
@@ -553,19 +552,6 @@ class Transformers(Family):
     # -- running -------------------------------------------------------------------------------
     def set_input_size(self, model: nn.Module, image_size: int) -> None:
         model.image_size = int(image_size)
-
-    @contextlib.contextmanager
-    def evaluation(self, model: nn.Module, image_size: int | None, score_floor: float) -> Iterator[nn.Module]:
-        saved = (model.score_thresh, model.image_size, model.training)
-        try:
-            model.score_thresh = min(float(model.score_thresh), score_floor)
-            model.eval()
-            if image_size:
-                model.image_size = int(image_size)
-            yield model
-        finally:
-            model.score_thresh, model.image_size = saved[0], saved[1]
-            model.train(saved[2])
 
     # -- training recipe -----------------------------------------------------------------------
     def default_learning_rate(self, network: str, batch_size: int, optimizer: str) -> float:

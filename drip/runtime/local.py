@@ -42,7 +42,9 @@ def train(session_folder: Path, overrides: dict, resume: bool = False, launch: L
         config = _session_config(session, overrides, require=True)
         nproc = processes(launch, config)
         record_image(session)
-        config = _timed("configure", lambda: configure.run(session, config, check_model=False))
+        # Every value in pipeline.config was chosen already: the family's recipe changes none.
+        config = _timed("configure", lambda: configure.run(session, config, check_model=False,
+                                                           chosen=Config.fields()))
         return _timed("train", lambda: _train(session, config, True, launch, nproc))
 
     config = Config().updated(overrides, CLI)
@@ -53,15 +55,16 @@ def train(session_folder: Path, overrides: dict, resume: bool = False, launch: L
         console.info(f"moved the previous session to {moved}")
     console.info(f"new session in {session.dl}")
     record_image(session)
-    return run_all_stages(session, config, launch, nproc)
+    return run_all_stages(session, config, launch, nproc, chosen=overrides)
 
 
-def run_all_stages(session: Session, config: Config, launch: Launch | None, nproc: int):
+def run_all_stages(session: Session, config: Config, launch: Launch | None, nproc: int, chosen=()):
     """Every stage, in order, in ``session`` as it is (``train`` starts it; ``drip audit``'s
-    folds and final model run here too)."""
+    folds and final model run here too). ``chosen``: the values the user set, which the network
+    family's recipe leaves alone."""
     for name in ("split", "augment", "records"):
         _timed(name, lambda: STAGE_MODULES[name].run(session, config))
-    config = _timed("configure", lambda: configure.run(session, config))
+    config = _timed("configure", lambda: configure.run(session, config, chosen=chosen))
     return _timed("train", lambda: _train(session, config, False, launch, nproc))
 
 
@@ -83,6 +86,9 @@ def run_stage(name: str, session_folder: Path, overrides: dict, resume: bool = F
     if name == "train":
         nproc = processes(launch, config)
         return _timed(name, lambda: _train(session, config, resume, launch, nproc))
+    if name == "configure":
+        chosen = set(overrides) | (set(Config.fields()) if session.config_path.is_file() else set())
+        return _timed(name, lambda: configure.run(session, config, chosen=chosen))
     result = _timed(name, lambda: STAGE_MODULES[name].run(session, config))
     if name != "configure":
         configure.write(session, config)
@@ -151,7 +157,8 @@ def export(session_folder: Path, overrides: dict):
     config = ExportConfig().updated(overrides, CLI)
     model_path = resolve_model_path(config.model, Path(session_folder))
     path = _timed(
-        "export", lambda: export_model(model_path, config.format, config.output, config.image_size)
+        "export", lambda: export_model(model_path, config.format, config.output, config.image_size, config.int8,
+                                       config.calibration_images)
     )
     console.info(f"exported {model_path} as {config.format} to {path}")
     return path

@@ -9,7 +9,7 @@ fills in the values left to Drip (the optimizer and learning rate), and writes t
 from __future__ import annotations
 
 import dataclasses
-import os
+from typing import Iterable
 
 from .. import console
 from ..config import Config
@@ -17,8 +17,9 @@ from ..data.labelmap import LabelMap
 from ..session import Session
 
 
-def run(session: Session, config: Config, check_model: bool = True) -> Config:
-    """Return the resolved config, written to ``session.config_path``."""
+def run(session: Session, config: Config, check_model: bool = True, chosen: Iterable[str] = ()) -> Config:
+    """Return the resolved config, written to ``session.config_path``. ``chosen`` names the values
+    the user set (flags, or a pipeline.config already written): the family's recipe leaves them."""
     from ..detectors import models
 
     if check_model:
@@ -27,7 +28,7 @@ def run(session: Session, config: Config, check_model: bool = True) -> Config:
     if optimizer != config.optimizer:
         config = dataclasses.replace(config, optimizer=optimizer)
         console.info(f"optimizer {optimizer} (auto: {config.number_of_steps} steps, {config.network})")
-    config = _family_recipe(config)
+    config = _family_recipe(config, set(chosen))
     if config.learning_rate is None:
         lr = models.default_learning_rate(config.network, config.batch_size, config.optimizer)
         config = dataclasses.replace(config, learning_rate=lr)
@@ -55,15 +56,17 @@ def _check_model(session: Session, config: Config) -> Config:
     return config
 
 
-def _family_recipe(config: Config) -> Config:
+def _family_recipe(config: Config, chosen: set[str]) -> Config:
     """The network family's own recipe values (e.g. D-FINE's gradient clipping at 0.1) where the
-    config still holds Drip's default for them; a value the user set differently stays."""
+    config still holds Drip's default for them and the user did not choose it (``--online_augmentation
+    flip`` given on the command line stays flip, though it is Drip's default)."""
     from .. import detectors
     from ..detectors import models
 
     wanted = detectors.recipe(models.network_name(config.network))
     defaults = Config()
-    changes = {k: v for k, v in wanted.items() if getattr(config, k) == getattr(defaults, k) and getattr(config, k) != v}
+    changes = {k: v for k, v in wanted.items()
+               if k not in chosen and getattr(config, k) == getattr(defaults, k) and getattr(config, k) != v}
     if not changes:
         return config
     shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in changes.items())
@@ -72,11 +75,5 @@ def _family_recipe(config: Config) -> Config:
 
 
 def write(session: Session, config: Config) -> None:
-    """Write ``pipeline.config`` atomically, so an interrupted write never loses the user's edits."""
-    # A permission for one resume, not a setting: kept, it would let a later resume on yet
-    # other records through without a word.
-    config = dataclasses.replace(config, allow_changed_data=False)
-    session.dl.mkdir(parents=True, exist_ok=True)
-    tmp = session.config_path.with_name(f".{session.config_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(config.to_text(), encoding="utf-8")
-    os.replace(tmp, session.config_path)
+    """Write ``pipeline.config`` atomically (``Config.write``)."""
+    config.write(session.config_path)

@@ -34,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,7 @@ from ..training.checkpoints import (
     set_aside_earlier_run,
     set_rng_states,
 )
-from ..training.hooks import CheckpointHook, EvalHook, LogHook, SyncCheckHook
+from ..training.hooks import CheckpointHook, EvalHook, LogHook, SyncCheckHook, TimeLimitHook
 from ..training.loop import Trainer, make_loader
 from ..training.optim import EMA, build_optimizer, build_scheduler, restore_optimizer
 
@@ -86,6 +88,7 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
     Under torchrun every rank runs this; ``writes`` (rank 0) is the one process that touches the
     session's files and prints progress, and the others receive its checkpoint.
     """
+    started = float(os.environ.get(STARTED_ENV) or time.time())  # --time_limit counts from the command's start
     ctx = distributed.context()
     classes, shards = read_records(session)
     eval_shards = read_eval_records(session)
@@ -113,6 +116,11 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
         check_resumable(checkpoint, checkpoint_path, config, classes)
         check_data(checkpoint, checkpoint_path, fingerprint, config.allow_changed_data)
     start_step = checkpoint["step"] if checkpoint else 0
+    fixed_steps = checkpoint.get("fixed_steps") if checkpoint and config.time_limit else None
+    if fixed_steps:  # --time_limit fixed the count in the run resumed: train to it, as that run would have
+        config = _laid_out(config, int(fixed_steps))
+    elif config.time_limit:
+        config = dataclasses.replace(config, number_of_steps=PROVISIONAL_STEPS)
     if config.optimizer == "auto":  # configure resolves it; a run resumed keeps its optimizer
         started_with = checkpoint.get("optimizer_name") if checkpoint else None
         config = dataclasses.replace(
@@ -165,6 +173,32 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
         trainer, dataset, sampler = _trainer(config, model, network, classes, device, shards, start_step, checkpoint,
                                              checkpoint_path, best, ctx, writes)
         trainer.since_best = since_best
+        trainer.fixed_steps = fixed_steps
+        if config.time_limit and not fixed_steps:
+            if trainer.bar is None and writes:
+                console.info(f"--time_limit {config.time_limit:g} min: timing a few seconds of steps to fix their number")
+
+            def relayout(steps: int) -> None:
+                nonlocal config
+                config = _laid_out(config, max(steps, trainer.step + 1))
+                trainer.end = sampler.num_steps = trainer.fixed_steps = config.number_of_steps
+                trainer.scheduler = build_scheduler(trainer.optimizer, config, trainer.step)
+                for hook in trainer.hooks:
+                    if hasattr(hook, "config"):
+                        hook.config = config
+                if trainer.bar is not None:
+                    trainer.bar.total = config.number_of_steps
+                    trainer.bar.refresh()
+                if writes:
+                    config.write(session.config_path)
+                    console.info(
+                        f"--time_limit {config.time_limit:g} min: training to step {config.number_of_steps} "
+                        f"(warmup {config.warmup_steps}, evaluations every {config.eval_every or 'end'}); "
+                        "pipeline.config records it"
+                    )
+
+            eval_images = sum(1 for _ in _eval_count(eval_shards)) if eval_shards else 0
+            trainer.register(TimeLimitHook(config.time_limit * 60, started, eval_images, ctx.broadcast, relayout))
         writer = None
         if writes:
             if not eval_shards:
@@ -195,6 +229,26 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
     console.info(f"trained to step {step} at {images_per_sec:.1f} images/s on {where}; model saved to {session.model_path}")
     report.write_after_training(session, config)
     return TrainResult(step, session.model_path, images_per_sec)
+
+
+# --time_limit: the run's end until a few measured steps fix it (TimeLimitHook).
+PROVISIONAL_STEPS = 10**9
+STARTED_ENV = "DRIP_STARTED_AT"
+
+
+def _laid_out(config: Config, steps: int) -> Config:
+    """The config of a run of ``steps`` steps under --time_limit: the schedule and the final
+    plain part follow from the count; warmup at most a fifth of it, four evaluations."""
+    every = max(1, steps // TimeLimitHook.EVALUATIONS) if config.eval_every else 0
+    return dataclasses.replace(config, number_of_steps=steps, warmup_steps=min(config.warmup_steps, steps // 5),
+                               eval_every=every)
+
+
+def _eval_count(shards: list[Path]):
+    from ..data.tfrecord import index_records
+
+    for shard in shards:
+        yield from index_records(shard)
 
 
 def _check_same_records(ctx: distributed.Context, fingerprint: dict[str, Any], session: Session) -> None:
@@ -236,7 +290,8 @@ def _trainer(config: Config, model: nn.Module, network: str, classes: list[str],
         shards, config.image_size, train=True, seed=config.seed, num_classes=len(classes),
         augmentation=config.online_augmentation,
     )
-    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step, config.number_of_steps)
+    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start_step, config.number_of_steps,
+                               config.plain_fraction)
     # Rank r reads slice r of each step's global batch: the same images per step on any world size.
     batches = distributed.RankSlice(sampler, ctx.rank, ctx.world) if ctx.distributed else sampler
     loader = make_loader(dataset, batches, config.num_workers, device, config.seed + ctx.rank)

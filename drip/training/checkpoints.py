@@ -55,6 +55,7 @@ def checkpoint_state(trainer, step: int, *, network: str, classes: list[str], co
         "ema_updates": ema.updates if ema is not None else 0,
         "best": trainer.best,
         "evaluations_since_best": trainer.since_best,  # so a resumed run keeps --patience's count
+        "fixed_steps": getattr(trainer, "fixed_steps", None),  # the count --time_limit fixed, for a resume
     }
 
 

@@ -177,3 +177,59 @@ class SyncCheckHook(HookBase):
                 "trained apart: report this as a bug in Drip, with the ranks' logs"
             )
         console.info(f"weights identical on all {len(digests)} ranks after step {self.trainer.step}")
+
+
+class TimeLimitHook(HookBase):
+    """``--time_limit``: after a probe of measured steps, fix the number of steps that fits.
+
+    The probe lasts at least ``PROBE`` steps and ``PROBE_FRACTION`` of the limit (5 to 30 s): the
+    first steps run while data workers fill their queues, and a 5-step probe of a mosaic run
+    measured half its later speed, ending a 3-minute run after 2. The first step is left out of
+    the measure (worker start-up, allocation). The time left after
+    the probe, less a reserve for the evaluations, the model file and the report, divided by the
+    time of a step, gives the count; ``decide`` (rank 0's value on every rank) makes it one
+    number, and ``relayout(steps)`` lays the run out over it (the stage's callback: the schedule,
+    the sampler, the evaluations, pipeline.config).
+    """
+
+    PROBE = 5
+    PROBE_FRACTION, PROBE_MIN_S, PROBE_MAX_S = 0.05, 5.0, 30.0
+    EVALUATIONS = 4  # at a quarter, half, three quarters and the end of the steps
+    EVAL_OVERHEAD_S = 3.0  # pycocotools and the TensorBoard pictures, per evaluation
+    REPORT_S = 8.0  # the report's pictures, beyond a pass over the eval split (3 s measured)
+    # Python's start and imports before the clock starts (3-4 s), and 2% for steps that slow down:
+    # a 7-minute race's whole command took 423 s without it.
+    MARGIN_S, MARGIN_FRACTION = 4.0, 0.02
+
+    def __init__(self, limit_s: float, started: float, eval_images: int, decide, relayout):
+        self.limit_s, self.started, self.eval_images = float(limit_s), float(started), int(eval_images)
+        self.decide, self.relayout = decide, relayout
+        self.probe_s = min(self.PROBE_MAX_S, max(self.PROBE_MIN_S, self.PROBE_FRACTION * self.limit_s))
+        self._first = None
+        self.done = False
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if self.done:
+            return
+        now = time.time()
+        if self._first is None:
+            self._first = (now, t.step, t.excluded)
+            return
+        measured = t.step - self._first[1]
+        spent = now - self._first[0] - (t.excluded - self._first[2])
+        if measured < self.PROBE or spent < self.probe_s:
+            return
+        per_step = max(spent, 1e-6) / measured
+        steps = self.decide(self.steps_that_fit(per_step, t.batch_size, t.step, now))
+        self.done = True
+        self.relayout(int(steps))
+
+    def steps_that_fit(self, per_step: float, batch_size: int, step: int, now: float) -> int:
+        # Inference is about a third of a training step's forward and backward.
+        one_pass = self.eval_images * per_step / max(batch_size, 1) / 3
+        evaluations = self.EVALUATIONS if self.eval_images else 0
+        reserve = evaluations * (one_pass + self.EVAL_OVERHEAD_S) + one_pass + self.REPORT_S
+        reserve += self.MARGIN_S + self.MARGIN_FRACTION * self.limit_s
+        left = self.limit_s - (now - self.started) - reserve
+        return step + max(1, int(left / per_step))

@@ -67,6 +67,7 @@ class Trainer:
         self.use_amp = use_amp
         self.closing = list(closing)  # closed when the loop ends (the dataset's open shards)
         self.step = start_step
+        self.fixed_steps: int | None = None  # the step count --time_limit fixed (hooks.TimeLimitHook)
         self.losses: dict[str, torch.Tensor] = {}
         self.lr = optimizer.param_groups[0]["lr"]
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -134,7 +135,9 @@ class Trainer:
         first_step_done = None  # images/s is measured after the first step (worker start-up, warm-up)
         self.net.train()
         loop_start = time.perf_counter()
-        progress = console.progress(total=self.end, initial=self.start_step, unit="step", desc="train",
+        # An end of 10**9 or more is --time_limit's provisional one: no total until it is fixed.
+        progress = console.progress(total=self.end if self.end < 10**9 else None, initial=self.start_step, unit="step",
+                                    desc="train",
                                     disable=not self.show_progress)
         with StopRequest() as stop, progress as bar, contextlib.ExitStack() as closing:
             for item in self.closing:
@@ -155,6 +158,8 @@ class Trainer:
                     hook.after_step()
                 if self._agree(self.finished):  # rank 0's hooks decide (--patience); every rank ends
                     self.finished = True
+                    break
+                if self.step >= self.end:  # --time_limit fixed an end before batches already fetched
                     break
                 if self.stopping:
                     raise Interrupted(
