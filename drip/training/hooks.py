@@ -184,9 +184,9 @@ class TimeLimitHook(HookBase):
 
     The probe lasts at least ``PROBE`` steps and ``PROBE_FRACTION`` of the limit (5 to 30 s): the
     first steps run while data workers fill their queues, and a 5-step probe of a mosaic run
-    measured half its later speed, ending a 3-minute run after 2. The first step is left out of
-    the measure (worker start-up, allocation). The time left after
-    the probe, less a reserve for the evaluations, the model file and the report, divided by the
+    measured half its later speed, ending a 3-minute run after 128 s. The first step is left out
+    of the measure (worker start-up, allocation). The time left after the probe, less a reserve
+    (the evaluations, the model file, the report and a margin), divided by the
     time of a step, gives the count; ``decide`` (rank 0's value on every rank) makes it one
     number, and ``relayout(steps)`` lays the run out over it (the stage's callback: the schedule,
     the sampler, the evaluations, pipeline.config).
