@@ -125,13 +125,33 @@ def test_weights_folder_resizes_the_head_and_loads_the_rest(pretrained):
 
 
 def test_a_safetensors_file_starts_drips_own_architecture(tmp_path):
-    # The published D-FINE-N architecture with COCO's 80 classes, as a bare .safetensors file.
-    published = models.build_model("dfine_n", 81, "none", SIZE).net
+    # The published D-FINE-N architecture with COCO's 80 classes, as a bare .safetensors file
+    # (its backbone's batch norms frozen, as transformers' conversions of the authors' files are).
+    published = hf.TRANSFORMERS.skeleton("dfine_n", 81).net
     published.save_pretrained(tmp_path / "coco")
     model = models.build_model("dfine_n", len(CLASSES) + 1, str(tmp_path / "coco" / "model.safetensors"), SIZE)
     assert model.net.config.num_labels == len(CLASSES)
     loaded, saved = model.net.state_dict(), non_head(published.state_dict())
     assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+
+
+def backbone_norms(model) -> set[str]:
+    return {type(m).__name__ for m in model.net.model.backbone.modules() if "BatchNorm" in type(m).__name__}
+
+
+@pytest.mark.parametrize("network", ["dfine_n", "rtdetr_v2_r18"])
+def test_backbone_norms_learn_from_scratch_and_stay_frozen_when_loaded(network, tmp_path):
+    """A random backbone's frozen batch norms (mean 0, variance 1) normalise nothing: from
+    scratch they learn; started from weights they stay frozen at the loaded statistics."""
+    scratch = models.build_model(network, len(CLASSES) + 1, "none", SIZE)
+    assert backbone_norms(scratch) == {"BatchNorm2d"}
+    assert any(p.requires_grad for n, p in scratch.named_parameters() if "backbone" in n and "normalization" in n)
+    tiny_network(network).save_pretrained(tmp_path / "weights")
+    loaded = models.build_model(network, len(CLASSES) + 1, str(tmp_path / "weights"), SIZE)
+    assert backbone_norms(loaded) and "BatchNorm2d" not in backbone_norms(loaded)
+    # The choice travels with the model: rebuilt from its own structure, it is the same.
+    again = detectors.rebuild(network, len(CLASSES) + 1, hf.TRANSFORMERS.structure_of(scratch), "a file")
+    assert backbone_norms(again) == {"BatchNorm2d"}
 
 
 def test_the_head_modules_are_the_tensors_that_follow_the_class_count():

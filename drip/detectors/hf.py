@@ -457,32 +457,34 @@ class Transformers(Family):
         return NETWORKS[network].published
 
     # -- building ------------------------------------------------------------------------------
-    def _config(self, network: str, num_classes: int, classes=None):
+    def _config(self, network: str, num_classes: int, classes=None, trained_backbone: bool = True):
+        """``network``'s config for ``num_classes``. ``trained_backbone``: whether the backbone's
+        weights will be loaded (see ``_freeze_norms``)."""
         spec = NETWORKS[network]
         config_class, _ = _classes(spec.kind)
         if spec.kind in _IMAGENET_NORMALISED:
             # A ViT config derives its windows from its outputs when it is made: given whole.
             config = config_class(backbone_config=dict(spec.backbone), **spec.config)
-            _set_labels(config, num_classes, classes)
-            return config
-        config = config_class(**spec.config)
-        for key, value in spec.backbone.items():
-            setattr(config.backbone_config, key, value)
-        if "out_indices" in spec.backbone:
-            config.backbone_config.out_features = [f"stage{i}" for i in spec.backbone["out_indices"]]
+        else:
+            config = config_class(**spec.config)
+            for key, value in spec.backbone.items():
+                setattr(config.backbone_config, key, value)
+            if "out_indices" in spec.backbone:
+                config.backbone_config.out_features = [f"stage{i}" for i in spec.backbone["out_indices"]]
+        _freeze_norms(config, trained_backbone)
         _set_labels(config, num_classes, classes)
         return config
 
-    def skeleton(self, network: str, num_classes: int, classes=None) -> nn.Module:
+    def skeleton(self, network: str, num_classes: int, classes=None, trained_backbone: bool = True) -> nn.Module:
         spec = NETWORKS[network]
         _, model_class = _classes(spec.kind)
-        return _wrap(model_class(self._config(network, num_classes, classes)), network)
+        return _wrap(model_class(self._config(network, num_classes, classes, trained_backbone)), network)
 
     def build(self, network: str, num_classes: int, weights: str, cache_dir, classes=None) -> nn.Module:
         spec = NETWORKS[network]
         if weights == "none":
             console.warn(_SCRATCH_WARNING.format(network=network))
-            return self.skeleton(network, num_classes, classes)
+            return self.skeleton(network, num_classes, classes, trained_backbone=False)
         repo = spec.hub.get(weights)
         if repo is None:
             offered = ", ".join([*spec.hub, "none"])
@@ -643,6 +645,21 @@ def _refuse_mostly_fresh(unloaded: int, total: int, what: str, network: str) -> 
             f"{what}: only {total - unloaded} of {network}'s {total} tensors are in it; it holds the weights of "
             "another network or size: pick the --network it was made for"
         )
+
+
+def _freeze_norms(config, trained_backbone: bool) -> None:
+    """Whether the backbone's batch norms are frozen (D-FINE's and RT-DETRv2's
+    ``freeze_backbone_batch_norms``; the ViT families have none).
+
+    transformers freezes them by default, which suits a backbone whose weights and statistics are
+    loaded (torchvision freezes them likewise for a pretrained backbone, and small batches cannot
+    estimate better ones). A random backbone's frozen norms keep their initial mean 0 and variance
+    1 and normalise nothing: ``dfine_n`` from scratch overfit 4 images to AP50 0.13 in 300 steps
+    with them frozen, 1.00 with them learning (``bench/detr_overfit.py``). So they learn from
+    scratch, as the authors' own small sizes train them (``freeze_norm: False``).
+    """
+    if hasattr(config, "freeze_backbone_batch_norms"):
+        config.freeze_backbone_batch_norms = trained_backbone
 
 
 def _set_labels(config, num_classes: int, classes=None) -> None:
