@@ -66,7 +66,7 @@ def main() -> None:
     from drip import detectors
     from drip.data.synthetic import CLASSES, draw_scene
     from drip.detectors import models
-    from drip.evaluation.metrics import ImageDetections, ImageTruth, coco_metrics
+    from drip.evaluation.metrics import ImageTruth, coco_metrics, predict
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -107,13 +107,9 @@ def main() -> None:
         return float(total), time.perf_counter() - start
 
     def score(model, data: dict):
-        with detectors.evaluation_mode(model):
-            outputs = detectors.forward_batch(model, [Image.fromarray(a) for a in data["arrays"]], args.image_size,
-                                              torch.device("cpu"), 8)
-        found = []
-        for i, (out, (w, h)) in enumerate(outputs):
-            boxes = detectors.scale_boxes(out["boxes"], (160, 120), (w, h)).numpy()
-            found.append(ImageDetections(i, boxes, detectors.numpy(out["scores"]), detectors.numpy(out["labels"])))
+        """AP on ``data``, predicted as Drip's evaluation predicts (``metrics.predict``)."""
+        found = predict(model, ((i, Image.fromarray(a)) for i, a in enumerate(data["arrays"])),
+                        image_size=args.image_size, batch_size=8)
         return coco_metrics(data["truths"], found, data["names"])
 
     rows, figures = [], {}
