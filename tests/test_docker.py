@@ -123,13 +123,20 @@ def workdir(user):
     shutil.rmtree(base, ignore_errors=True)
 
 
-def starter(name: str, args: list[str], cwd: Path, user, **popen) -> subprocess.Popen:
+def starter(name: str, args: list[str], cwd: Path, user, sigint_ignored: bool = False, **popen) -> subprocess.Popen:
+    """The starter ``name`` run by the user; with ``sigint_ignored`` it starts with SIGINT ignored,
+    as a background job of a script or a CI runner does (its shell ignores SIGINT for it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SUDO_", "DRIP_"))}
     env.update(user[2])
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / name), *args], cwd=cwd, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen,
-    )
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint_ignored else None
+    try:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / name), *args], cwd=cwd, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen,
+        )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
@@ -309,12 +316,16 @@ def test_shell_has_the_same_mounts_and_inputs_are_read_only(trained, workdir, us
 
 
 def test_ctrl_c_checkpoints_and_exits_130(drip_image, trained, workdir, user):
-    """SIGINT to the starter reaches training in the container, which saves its step and stops."""
+    """SIGINT to the starter reaches training in the container, which saves its step and stops.
+
+    The starter starts with SIGINT ignored, as a background job of a script or a CI runner does:
+    a starter that kept it so never forwarded the stop (no "stopping" line, training went on past
+    the test's timeout, as in one CI run). Its own handler must hear it."""
     session = workdir / "interrupted session"
     proc = starter("training_starter.py", [
         *RUNTIME, *TINY, "--number_of_steps", "1000", "--session_folder", str(session),
         "--tensorboard_port", "0", "--class_map_path", "files/class_map.pbtxt",
-    ], workdir, user)
+    ], workdir, user, sigint_ignored=True)
     first = session / "dl" / "checkpoints" / "step-0000002.pt"
     deadline = time.monotonic() + 300
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:

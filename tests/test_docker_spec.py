@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -580,8 +581,10 @@ class FakeAPI:
         self.calls.append(("stop", timeout))
 
 
-def test_ctrl_c_waits_for_the_checkpoint_and_only_a_second_one_kills(project, monkeypatch):
-    """However long training takes to save, the first Ctrl-C never turns into a stop or a kill."""
+def _pump_through(project, monkeypatch, script):
+    """``_pump`` against a fake engine, ``select`` playing ``script``: "SIGINT"/"SIGTERM" are sent
+    to this process for real (as Ctrl-C and kill are), "an hour passes" returns nothing, and
+    "the container ends" closes its output. Returns (the engine's calls, what was printed)."""
     import io
     import socket
     import time as real_time
@@ -589,12 +592,13 @@ def test_ctrl_c_waits_for_the_checkpoint_and_only_a_second_one_kills(project, mo
 
     ours, theirs = socket.socketpair()
     clock = [real_time.monotonic()]
-    script = iter(["interrupt", "an hour passes", "an hour passes", "interrupt", "the container ends"])
+    steps = iter(script)
 
     def fake_select(readers, writers, errors, timeout):
-        step = next(script)
-        if step == "interrupt":
-            raise KeyboardInterrupt
+        step = next(steps)
+        if step in ("SIGINT", "SIGTERM"):
+            os.kill(os.getpid(), getattr(signal, step))  # its handler runs before this returns
+            return [r for r in readers if r is not ours], [], []
         if step == "an hour passes":
             clock[0] += 3600
             return [], [], []
@@ -605,13 +609,53 @@ def test_ctrl_c_waits_for_the_checkpoint_and_only_a_second_one_kills(project, mo
     monkeypatch.setattr(dr.time, "monotonic", lambda: clock[0])
     client = types.SimpleNamespace(api=FakeAPI())
     err = io.StringIO()
-    dr._pump(client, "cid", ours, spec("train", ["--device", "cpu"], project), io.StringIO(), err)
-    ours.close()
-    assert client.api.calls == [("kill", "SIGINT"), ("kill", "SIGKILL")]  # never a timed stop
-    text = err.getvalue()
+    try:
+        dr._pump(client, "cid", ours, spec("train", ["--device", "cpu"], project), io.StringIO(), err)
+    finally:
+        ours.close()
+    return client.api.calls, err.getvalue()
+
+
+def _noted(*_):
+    pass  # stands for whatever handler the starter was started with
+
+
+@pytest.fixture(params=["ignored", "handled"])
+def inherited_sigint(request):
+    """SIGINT as the starter may find it: ignored (a background job of a script or a CI runner
+    inherits SIG_IGN from its shell, and Python keeps it) or with a handler (a terminal's Python:
+    its KeyboardInterrupt). Either way a stray signal does not stop pytest."""
+    handler = signal.SIG_IGN if request.param == "ignored" else _noted
+    previous = signal.signal(signal.SIGINT, handler)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        yield handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, term)
+
+
+def test_ctrl_c_waits_for_the_checkpoint_and_only_a_second_one_kills(project, monkeypatch, inherited_sigint):
+    """However long training takes to save, the first Ctrl-C never turns into a stop or a kill.
+
+    The starter handles SIGINT itself while the container runs. Left to Python's default, a
+    starter started with SIGINT ignored (a background job, a CI runner) never forwarded the stop,
+    and training went on; and a KeyboardInterrupt between two reads removed the container unsaved."""
+    term = signal.getsignal(signal.SIGTERM)
+    calls, text = _pump_through(project, monkeypatch,
+                                ["SIGINT", "an hour passes", "an hour passes", "SIGINT", "the container ends"])
+    assert calls == [("kill", "SIGINT"), ("kill", "SIGKILL")]  # never a timed stop
     assert "stopping: SIGINT sent to the container; training finishes its step, saves a checkpoint" in text
     assert "Ctrl-C again kills it now, losing every step since its last checkpoint" in text
     assert "killing the container: the checkpoint being written is lost" in text
+    # The starter's own handlers are gone with the container.
+    assert signal.getsignal(signal.SIGINT) is inherited_sigint and signal.getsignal(signal.SIGTERM) is term
+
+
+def test_sigterm_to_the_starter_stops_the_container_like_ctrl_c(project, monkeypatch, inherited_sigint):
+    calls, text = _pump_through(project, monkeypatch, ["SIGTERM", "an hour passes", "the container ends"])
+    assert calls == [("kill", "SIGTERM")]
+    assert "stopping: SIGTERM sent to the container; training finishes its step" in text
 
 
 # -- several processes (torchrun inside the container) --------------------------------------------

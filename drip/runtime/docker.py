@@ -36,6 +36,7 @@ import socket
 import struct
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -926,8 +927,60 @@ def _resize(client, cid: str) -> None:
         pass  # not a terminal, or the container is gone: nothing to resize
 
 
-class _Stop(Exception):
-    """The starter got SIGTERM: stop the container like Ctrl-C does."""
+class _StopSignals:
+    """SIGINT and SIGTERM while the container runs: noted by the handlers, acted on by the pump.
+
+    A handler only notes the signal and writes a byte to a pipe that ``select`` watches; the pump
+    forwards it between reads. Two things went wrong when the starter left SIGINT to Python's
+    default (a KeyboardInterrupt): a starter started with SIGINT ignored (a background job of a
+    script or a CI runner: the shell ignores SIGINT for it, and Python keeps that) never heard
+    Ctrl-C or ``kill -INT``, and training went on; and a KeyboardInterrupt lands wherever the main
+    thread is, also between two reads, outside the pump's handler, where it removed the container
+    without its checkpoint. Outside the main thread no handler can be installed: nothing is noted.
+    """
+
+    def __init__(self, signals: tuple[int, ...]):
+        self._signals = signals
+        self._received: list[str] = []
+        self._previous: dict[int, Any] = {}
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> "_StopSignals":
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for sig in self._signals:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, _frame) -> None:
+        self._received.append(signal.Signals(signum).name)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe already holds wake-ups enough
+
+    def fileno(self) -> int:
+        return self._wake_r
+
+    def take(self) -> list[str]:
+        """The signals noted since the last call, oldest first."""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        taken = []
+        while self._received:  # a handler may append meanwhile: pop, never clear
+            taken.append(self._received.pop(0))
+        return taken
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 def _pump(client, cid: str, sock, spec: RunSpec, out, err) -> None:
@@ -940,9 +993,9 @@ def _pump(client, cid: str, sock, spec: RunSpec, out, err) -> None:
     """
     raw = getattr(sock, "_sock", sock)
     stdin_fd = sys.stdin.fileno() if spec.interactive else None
-    old_term = None
     restore_tty: Callable[[], None] | None = None
-    if spec.interactive and spec.tty:
+    tty_mode = spec.interactive and spec.tty
+    if tty_mode:
         import termios
         import tty
 
@@ -955,22 +1008,24 @@ def _pump(client, cid: str, sock, spec: RunSpec, out, err) -> None:
             signal.signal(signal.SIGWINCH, old_winch)
 
         restore_tty = _restore
-    else:
-        def on_term(signum, frame):
-            raise _Stop()
-
-        try:
-            old_term = signal.signal(signal.SIGTERM, on_term)
-        except ValueError:  # not the main thread
-            old_term = None
     demux = _Demux(out, err, tty=spec.tty)
     stopping = 0
     training = spec.command[1:2] in (["train"], ["audit"])
+    # In a raw terminal Ctrl-C is a byte for the shell in the container; SIGINT comes from kill.
+    signals = _StopSignals((signal.SIGINT,) if tty_mode else (signal.SIGINT, signal.SIGTERM))
     try:
-        while True:
-            try:
-                readers = [raw] + ([stdin_fd] if stdin_fd is not None else [])
+        with signals:
+            while True:
+                readers = [raw, signals] + ([stdin_fd] if stdin_fd is not None else [])
                 ready, _, _ = select.select(readers, [], [], 1.0)
+                for sig in signals.take():
+                    stopping += 1
+                    if stopping == 1:
+                        print(f"\n[drip] {stop_message(sig, training)}", file=err, flush=True)
+                        _signal(client, cid, sig)
+                    else:
+                        print(f"\n[drip] {kill_message(training)}", file=err, flush=True)
+                        _signal(client, cid, "SIGKILL")
                 if raw in ready:
                     data = raw.recv(65536)
                     if not data:
@@ -983,21 +1038,10 @@ def _pump(client, cid: str, sock, spec: RunSpec, out, err) -> None:
                     else:
                         raw.shutdown(socket.SHUT_WR)  # EOF: the container's stdin closes
                         stdin_fd = None
-            except (KeyboardInterrupt, _Stop) as exc:
-                stopping += 1
-                if stopping == 1:
-                    sig = "SIGTERM" if isinstance(exc, _Stop) else "SIGINT"
-                    print(f"\n[drip] {stop_message(sig, training)}", file=err, flush=True)
-                    _signal(client, cid, sig)
-                else:
-                    print(f"\n[drip] {kill_message(training)}", file=err, flush=True)
-                    _signal(client, cid, "SIGKILL")
     finally:
         demux.flush()
         if restore_tty:
             restore_tty()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
 
 
 def stop_message(sig: str, training: bool) -> str:
