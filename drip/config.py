@@ -671,6 +671,23 @@ class AuditConfig(_Schema):
         "audit",
         low=1,
     )
+    fold_jobs: str = _opt(
+        "auto",
+        "Folds trained at the same time, each in a process of its own on one GPU: 'auto' = one per "
+        "visible GPU when training on CUDA with several (folds side by side exchange nothing, where "
+        "one fold on every GPU through torchrun exchanges gradients every step), else 1: one fold "
+        "after another, each on every GPU. A number N runs N at once; on the CPU each "
+        "then keeps 1/N of the cores. The final model trains on every GPU either way.",
+        "audit",
+    )
+
+    def updated(self, values: dict[str, Any], source: str):
+        new = super().updated(values, source)
+        jobs = new.fold_jobs.strip().lower()
+        if jobs != "auto" and not (jobs.isdigit() and int(jobs) >= 1):
+            where = f"--fold_jobs {new.fold_jobs}" if source == CLI else f"{source}: fold_jobs={new.fold_jobs!r}"
+            raise ConfigError(f"{where} is not 'auto' or a number of folds at once (e.g. 2)")
+        return dataclasses.replace(new, fold_jobs=jobs)
 
 
 @dataclass

@@ -46,7 +46,8 @@ class Interrupted(DripError):
 
 
 class DistributedError(DripError):
-    """The process group failed: a rank died, hung, or the machines could not meet."""
+    """The process group failed: a rank died, hung, or the machines could not meet; or one of
+    ``drip audit``'s fold processes failed."""
 
     exit_code = 1
 

@@ -5,7 +5,8 @@
 the stages. ``docker``: the same commands in Drip's container, started from the host through the
 Docker SDK, with ``relay`` bringing TensorBoard from the container's loopback to the host's.
 ``torchrun``: training or inference on several processes and machines, each process a
-``worker``.
+``worker``. ``audit``: ``drip audit`` and ``drip select``; ``folds`` runs the audit's folds side
+by side, a process each.
 
 ``docker``, ``relay`` and ``torchrun`` run on the host and import only the standard library (and
 the Docker SDK); this package's ``__init__`` imports nothing, so reaching them costs no PyTorch.

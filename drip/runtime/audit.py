@@ -5,9 +5,12 @@ model per fold on the other folds through the ordinary stages (``local.run_all_s
 under torchrun where training would be), predicts each fold's images with the model that never
 saw them, compares labels and predictions (``drip.evaluation.audit.find_issues``), and then
 trains the session's final model, which continues from the last fold's model on all the data.
+With ``--fold_jobs`` > 1 (by default on several GPUs) the folds run side by side, each in a
+process of its own (``drip.runtime.folds`` starts ``python -m drip.runtime.audit --fold``).
 Files, in ``SESSION_FOLDER/dl/``:
 
-* ``audit/folds/fold-N/``: each fold's session (its ``train.json``, model, logs);
+* ``audit/folds/fold-N/``: each fold's session (its ``train.json``, model, logs); side by side
+  also its ``fold.json`` (what its process does), ``fold.log`` and ``predictions.json``;
 * ``audit/predictions.json``: every image's out-of-fold predictions (written after each fold);
 * ``audit/label_issues.json``: the issues, ranked; ``audit/suggested.json``: the annotations with
   the sure suggestions applied, in COCO; ``audit/index.html`` and its crops;
@@ -23,15 +26,19 @@ labelling next (``drip.evaluation.select``).
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import console
 from ..config import CLI, AuditConfig, Config, SelectConfig
-from ..errors import InputError
-from ..session import Session, write_json
+from ..errors import ConfigError, InputError, guarded
+from ..session import Session, read_json, write_json
+from . import folds as folds_runtime
 from . import local
 from .torchrun import Launch
 
@@ -62,6 +69,7 @@ def audit(session_folder: Path, overrides: dict, audit_overrides: dict, launch: 
     config = Config().updated(overrides, CLI)
     settings = AuditConfig().updated(audit_overrides, CLI)
     nproc = local.processes(launch, config)
+    jobs, gpus = fold_jobs(settings.fold_jobs, settings.folds, config, launch)
     local._check_inputs(config)
     items, root = read_dataset(config)
     folds = logic.assign_folds([item.labels for item in items], settings.folds, config.seed)
@@ -71,25 +79,17 @@ def audit(session_folder: Path, overrides: dict, audit_overrides: dict, launch: 
     if moved:
         console.info(f"moved the previous session to {moved}")
     folder = session.dl / AUDIT_DIR
-    predictions: dict[str, object] = {}
-    model_path = None
-    for k in range(settings.folds):
-        held = [item for item, fold in zip(items, folds) if fold == k]
-        trained = [item for item, fold in zip(items, folds) if fold != k]
-        fold = Session(folder / "folds" / f"fold-{k + 1}")
-        fold.dl.mkdir(parents=True, exist_ok=True)
-        train_json = fold.root / "train.json"
-        write_json(train_json, {"images": [_drip_entry(item) for item in trained]})
-        console.info(f"audit: fold {k + 1} of {settings.folds}: training on {len(trained)} images, "
-                     f"then predicting the {len(held)} it never saw")
-        fold_config = config.updated({
-            "src_json_path": str(train_json), "image_folder_path": str(root), "eval_json_path": None,
-            "eval_percentage": 0.0, "report": False,
-        }, "drip audit")
-        local.run_all_stages(fold, fold_config, launch, nproc)
-        model_path = fold.model_path
-        predictions.update(predict_items(model_path, held, config))
-        write_json(folder / "predictions.json", {name: p.__dict__ for name, p in predictions.items()})
+    plans = [_plan_fold(folder, k, settings.folds, items, folds, config, root) for k in range(settings.folds)]
+    if jobs == 1:
+        predictions: dict[str, object] = {}
+        for plan in plans:
+            console.info(plan.intro)
+            local.run_all_stages(plan.session, plan.config, launch, nproc)
+            predictions.update(predict_items(plan.session.model_path, plan.held, config))
+            write_json(folder / "predictions.json", {name: p.__dict__ for name, p in predictions.items()})
+    else:
+        predictions = _run_folds_side_by_side(folder, plans, jobs, gpus)
+    model_path = plans[-1].session.model_path
 
     pairs = [(item.labels, predictions[item.labels.image]) for item in items if item.labels.image in predictions]
     result = logic.find_issues(pairs)
@@ -110,6 +110,112 @@ def audit(session_folder: Path, overrides: dict, audit_overrides: dict, launch: 
     local.run_all_stages(session, final, launch, nproc)
     console.info(f"audit finished in {time.perf_counter() - started:.1f} s")
     return result
+
+
+@dataclass
+class FoldPlan:
+    session: Session  # dl/audit/folds/fold-N
+    config: Config  # training on the other folds' images
+    held: list[Item]  # the images it predicts, never trained on
+    intro: str  # what it does, in a line
+
+
+def _plan_fold(folder: Path, k: int, total: int, items: list[Item], folds: list[int], config: Config,
+               root: Path) -> FoldPlan:
+    """Fold ``k``'s session folder and train.json, and its config."""
+    held = [item for item, fold in zip(items, folds) if fold == k]
+    trained = [item for item, fold in zip(items, folds) if fold != k]
+    fold = Session(folder / "folds" / f"fold-{k + 1}")
+    fold.dl.mkdir(parents=True, exist_ok=True)
+    train_json = fold.root / "train.json"
+    write_json(train_json, {"images": [_drip_entry(item) for item in trained]})
+    fold_config = config.updated({
+        "src_json_path": str(train_json), "image_folder_path": str(root), "eval_json_path": None,
+        "eval_percentage": 0.0, "report": False,
+    }, "drip audit")
+    return FoldPlan(fold, fold_config, held, f"audit: fold {k + 1} of {total}: training on {len(trained)} images, "
+                    f"then predicting the {len(held)} it never saw")
+
+
+def fold_jobs(requested: str, total: int, config: Config, launch: Launch | None,
+              gpu_count: Callable[[], int] | None = None) -> tuple[int, list[str]]:
+    """How many folds train at once, and the GPUs they take in turn (none on the CPU).
+
+    'auto': one per visible GPU when training on CUDA on one machine with several, else 1 (one
+    fold after another, each through torchrun as ``drip train`` would run)."""
+    gpus = 0
+    if config.device != "cpu":
+        gpus = (gpu_count or _cuda_devices)()
+    several_nodes = launch is not None and launch.nnodes > 1
+    if requested == "auto":
+        wanted = gpus if launch is not None and not several_nodes and gpus > 1 else 1
+    else:
+        wanted = int(requested)
+        if wanted > 1 and several_nodes:
+            raise ConfigError(f"--fold_jobs {requested} runs folds side by side on this machine; with --nnodes "
+                              f"{launch.nnodes} every fold trains on all the machines: leave --fold_jobs out")
+    jobs = min(wanted, total)
+    return jobs, folds_runtime.visible_gpus(gpus)[:jobs] if jobs > 1 else []
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _run_folds_side_by_side(folder: Path, plans: list[FoldPlan], jobs: int, gpus: list[str]) -> dict[str, object]:
+    """Every fold in a process of its own, ``jobs`` at once; their predictions, in fold order.
+
+    predictions.json is written after each fold as the sequential path writes it: the finished
+    folds' predictions, in fold order, whatever order the folds finish in."""
+    from ..evaluation.audit import ImagePredictions
+
+    folds = []
+    for number, plan in enumerate(plans, 1):
+        console.info(plan.intro)
+        spec = plan.session.root / "fold.json"
+        write_json(spec, {"session": str(plan.session.root), "config": plan.config.to_dict(),
+                          "predict": [[item.labels.image, str(item.path)] for item in plan.held],
+                          "predictions": str(plan.session.root / "predictions.json")})
+        folds.append(folds_runtime.Fold(number, spec, plan.session.root / "fold.log"))
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    places = folds_runtime.slots(jobs, gpus, cpus)
+    console.info(f"audit: {len(plans)} folds, {jobs} at a time, each in a process of its own "
+                 + (f"on one GPU ({', '.join(gpus)})" if gpus else f"on {len(places[0].cpus)} of {len(cpus)} cores"))
+    found: dict[int, dict] = {}
+
+    def done(fold) -> None:
+        found[fold.number] = read_json(plans[fold.number - 1].session.root / "predictions.json")
+        merged = {name: p for number in sorted(found) for name, p in found[number].items()}
+        write_json(folder / "predictions.json", merged)
+
+    folds_runtime.run(folds, places, done)
+    return {name: ImagePredictions(**p) for number in sorted(found) for name, p in found[number].items()}
+
+
+def run_fold(spec_path: Path) -> int:
+    """One fold in this process (``python -m drip.runtime.audit --fold FOLD_JSON``): its stages,
+    then its out-of-fold predictions to its predictions.json. session.json's ``fold`` entry says
+    which process ran it, when and where."""
+    folds_runtime.pin_cpus()
+    started = time.time()
+    spec = read_json(spec_path)
+    fold = Session(Path(spec["session"]))
+    config = Config().updated(spec["config"], str(spec_path))
+    env = os.environ.get
+    console.info(f"audit {fold.root.name} in a process of its own: pid {os.getpid()}, CUDA_VISIBLE_DEVICES="
+                 f"{env('CUDA_VISIBLE_DEVICES')}, OMP_NUM_THREADS={env('OMP_NUM_THREADS')}, cores {env(folds_runtime.CPUS_ENV)}")
+    local.run_all_stages(fold, config, None, 1)
+    from ..evaluation.audit import ImageLabels
+
+    held = [Item(ImageLabels(name, [], []), Path(path), name) for name, path in spec["predict"]]
+    predictions = predict_items(fold.model_path, held, config)
+    write_json(Path(spec["predictions"]), {name: p.__dict__ for name, p in predictions.items()})
+    fold.record_stage("fold", pid=os.getpid(), started_at=round(started, 3), finished_at=round(time.time(), 3),
+                      cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                      cores=os.environ.get(folds_runtime.CPUS_ENV))
+    return 0
 
 
 def read_dataset(config: Config) -> tuple[list[Item], Path]:
@@ -253,3 +359,14 @@ def select(session_folder: Path, overrides: dict):
                         "candidates": len(candidates), "images": chosen})
     console.info(f"select: {len(chosen)} of {len(candidates)} images chosen, best first, in {output}")
     return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m drip.runtime.audit",
+                                description="One fold of drip audit in a process of its own (drip.runtime.folds starts it).")
+    p.add_argument("--fold", required=True, metavar="FOLD_JSON", help="the fold's fold.json, written by drip audit")
+    return guarded(run_fold, Path(p.parse_args(argv).fold))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

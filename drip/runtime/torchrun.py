@@ -209,7 +209,7 @@ def failure_line(agent_log: Path, start: int, logs_dir: Path, returncode: int) -
     # A rank that found a peer hung (drip.runtime.worker: its heartbeat stood still) names it: that
     # peer, not the rank that gave up waiting for it, is what the line is about.
     for failed in dict.fromkeys(re.findall(r"^\s+rank\s*:\s*(\d+)", text, re.M)):
-        said = _last_error(logs_dir / f"rank-{failed}.log")
+        said = last_error(logs_dir / f"rank-{failed}.log")
         if said and re.match(r"rank \d+ on \S+ stopped answering", said):
             return said
     rank = fields.get("rank", "?").split()[0]
@@ -218,13 +218,14 @@ def failure_line(agent_log: Path, start: int, logs_dir: Path, returncode: int) -
     signame = re.search(r"\((SIG\w+)\)", fields.get("exitcode", ""))
     how = f"was killed by {signame.group(1)}" if signame else f"exited with code {code}"
     log = logs_dir / f"rank-{rank}.log"
-    said = _last_error(log)
+    said = last_error(log)
     restarts = len(re.findall(r"Restarting worker group|restarting worker group", text))
     tail = f" after {restarts} restart(s)" if restarts else ""
     return f"rank {rank} on {host} {how}{tail}" + (f" ({said})" if said else "") + f"; its log: {log}"
 
 
-def _last_error(log: Path) -> str | None:
+def last_error(log: Path) -> str | None:
+    """The last error a Drip process wrote to ``log`` (its ``drip: error:`` line, or an exception's), or None."""
     try:
         lines = [line.strip() for line in log.read_text("utf-8", "replace").splitlines() if line.strip()]
     except OSError:
