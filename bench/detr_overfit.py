@@ -2,7 +2,7 @@
 """The DETR families learn what the labels say: each overfits a few images, without downloads.
 
     .venv/bin/python bench/detr_overfit.py                      # every DETR family's smallest size
-    .venv/bin/python bench/detr_overfit.py --networks dfine_n --steps 300
+    .venv/bin/python bench/detr_overfit.py --networks dfine_n --steps 300 --frozen_norms   # and the pre-fix build
     .venv/bin/python bench/detr_overfit.py --quick              # 10 steps: checks the script works
     .venv/bin/python bench/detr_overfit.py --networks --pretrain dfine_n rtdetr_v2_r18   # pretrained vs scratch only
 
@@ -48,6 +48,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=None, help="default: the family's rate for a batch of --images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frozen_norms", action="store_true",
+                   help="also train each network with its backbone's batch norms frozen, as Drip built it before "
+                        "(transformers' default): the baseline of the fix, side by side")
     p.add_argument("--pretrain", nargs="*", default=[], help="networks to compare pretrained and scratch starts for")
     p.add_argument("--pretrain_images", type=int, default=32)
     p.add_argument("--pretrain_steps", type=int, default=400)
@@ -65,7 +68,7 @@ def main() -> None:
 
     from drip import detectors
     from drip.data.synthetic import CLASSES, draw_scene
-    from drip.detectors import models
+    from drip.detectors import hf, models
     from drip.evaluation.metrics import ImageTruth, coco_metrics, predict
 
     torch.manual_seed(args.seed)
@@ -112,15 +115,29 @@ def main() -> None:
                         image_size=args.image_size, batch_size=8)
         return coco_metrics(data["truths"], found, data["names"])
 
+    def frozen(model):
+        """``model`` rebuilt with its backbone's batch norms frozen at their initial statistics."""
+        config = model.net.config
+        config.freeze_backbone_batch_norms = True
+        model.net = hf._ready(type(model.net)(config))
+        return model
+
     rows, figures = [], {}
     few = scenes(args.images)
-    for name in args.networks:
+    runs = [(name, False) for name in args.networks]
+    if args.frozen_norms:
+        runs += [(name, True) for name in args.networks if hf.NETWORKS[name].kind in ("d_fine", "rt_detr_v2")]
+    for name, freeze in runs:
+        torch.manual_seed(args.seed)
         model = models.build_model(name, len(CLASSES) + 1, "none", args.image_size, classes=list(CLASSES))
+        model = frozen(model) if freeze else model
         loss, seconds = train(model, name, few, args.steps, args.images)
         metrics = score(model, few)
-        figures[name] = {"AP50": metrics.AP50, "AP": metrics.AP, "steps": args.steps, "seconds": round(seconds, 1),
-                         "loss_last": loss}
-        rows.append(f"| `{name}` | {args.steps} | {metrics.AP50:.3f} | {metrics.AP:.3f} | {loss:.2f} | {seconds:.0f} s |")
+        label = f"{name}, backbone norms frozen" if freeze else name
+        figures[label] = {"AP50": metrics.AP50, "AP": metrics.AP, "steps": args.steps, "seconds": round(seconds, 1),
+                          "loss_last": loss}
+        rows.append(f"| `{name}`{' (norms frozen)' if freeze else ''} | {args.steps} | {metrics.AP50:.3f} | "
+                    f"{metrics.AP:.3f} | {loss:.2f} | {seconds:.0f} s |")
         print(rows[-1], flush=True)
     lines = []
     if args.networks:
