@@ -24,10 +24,10 @@ import dataclasses
 import difflib
 import os
 import sys
-import time
 from pathlib import Path
 
-from .config import CLI, AuditConfig, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig, SelectConfig
+from .config import (CLI, AuditConfig, Config, EvaluateConfig, ExportConfig, InferConfig, ReportConfig, SelectConfig,
+                     start_clock)
 from .errors import DripError, guarded
 from .runtime import torchrun
 
@@ -565,8 +565,7 @@ def run_in_runtime(command: str, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # --time_limit counts from here (the train stage reads it; torchrun's workers inherit it).
-    os.environ["DRIP_STARTED_AT"] = repr(time.time())
+    start_clock()  # --time_limit counts from here
     args = build_parser().parse_args(argv)
     if args.command == "doctor":  # host side: needs the Docker SDK, not PyTorch
         from .runtime import docker

@@ -22,6 +22,20 @@ from typing import Any
 
 from .errors import ConfigError
 
+# --time_limit counts from the start of the command (``start_clock``), which its processes inherit
+# through the environment: torchrun's workers, an audit's fold processes, and Drip's container,
+# which gets the host's start under HOST_STARTED_ENV (a command typed later in a --shell does not).
+STARTED_ENV = "DRIP_STARTED_AT"
+HOST_STARTED_ENV = "DRIP_HOST_STARTED_AT"
+
+
+def start_clock() -> None:
+    """Stamp this command's start for --time_limit: now, or the host's when the command is the
+    one Drip's container was started for (the image build and the container start count too)."""
+    import time
+
+    os.environ[STARTED_ENV] = os.environ.pop(HOST_STARTED_ENV, None) or repr(time.time())
+
 CONFIG_VERSION = 1
 CLI = "command line"  # the ``source`` of values given as flags: errors then name the flag
 DEFAULT_THRESHOLD = 60.0  # percent: drip infer keeps detections from here, and the report draws them

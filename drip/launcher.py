@@ -14,6 +14,7 @@ import os
 import sys
 
 from . import cli
+from .config import start_clock
 from .errors import guarded
 
 STARTERS = {"train": "training_starter.py", "infer": "inference_starter.py"}
@@ -38,5 +39,6 @@ def build_parser_only(command: str) -> argparse.ArgumentParser:
 
 
 def main(command: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    start_clock()  # --time_limit counts from here: the preparing stages, a container's start too
     args = build_parser(command, prog or os.path.basename(sys.argv[0])).parse_args(argv)
     return guarded(cli.run_in_runtime, command, args)

@@ -709,3 +709,19 @@ def test_select_mounts_the_model_and_images_read_only_and_the_output_folder_read
     assert str(tmp_path / "out dir") in s.make_dirs
     assert s.command[:2] == ["drip", "select"] and "--runtime" in s.command
     assert s.command[s.command.index("--output") + 1] == str(tmp_path / "out dir" / "next.json")
+
+
+def test_the_container_counts_time_limit_from_the_hosts_start_but_a_shell_does_not(project, monkeypatch):
+    """--time_limit counts from the start of the command the user typed: the image build and the
+    container's start included. A shell's later commands start their own clocks."""
+    from drip.config import HOST_STARTED_ENV, STARTED_ENV, start_clock
+
+    monkeypatch.setenv(STARTED_ENV, "1000.5")
+    assert spec("train", ["--device", "cpu"], project).environment[HOST_STARTED_ENV] == "1000.5"
+    assert HOST_STARTED_ENV not in spec("train", ["--device", "cpu", "--shell"], project).environment
+    # Inside, the command the container was started for takes the host's start, once.
+    monkeypatch.setenv(HOST_STARTED_ENV, "1000.5")
+    start_clock()
+    assert os.environ[STARTED_ENV] == "1000.5" and HOST_STARTED_ENV not in os.environ
+    start_clock()
+    assert float(os.environ[STARTED_ENV]) > 1000.5

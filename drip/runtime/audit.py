@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import console
-from ..config import CLI, AuditConfig, Config, SelectConfig
+from ..config import CLI, AuditConfig, Config, SelectConfig, start_clock
 from ..errors import ConfigError, InputError, guarded
 from ..session import Session, read_json, write_json
 from . import folds as folds_runtime
@@ -84,6 +84,7 @@ def audit(session_folder: Path, overrides: dict, audit_overrides: dict, launch: 
         predictions: dict[str, object] = {}
         for plan in plans:
             console.info(plan.intro)
+            start_clock()  # --time_limit, like --number_of_steps, is each model's budget
             local.run_all_stages(plan.session, plan.config, launch, nproc)
             predictions.update(predict_items(plan.session.model_path, plan.held, config))
             write_json(folder / "predictions.json", {name: p.__dict__ for name, p in predictions.items()})
@@ -107,6 +108,7 @@ def audit(session_folder: Path, overrides: dict, audit_overrides: dict, launch: 
     console.info(f"audit: the final model continues from fold {settings.folds}'s on all the data, {final_steps} steps")
     final = config.updated({"network": str(model_path.resolve()), "number_of_steps": final_steps,
                             "warmup_steps": min(config.warmup_steps, max(1, final_steps // 3))}, "drip audit")
+    start_clock()
     local.run_all_stages(session, final, launch, nproc)
     console.info(f"audit finished in {time.perf_counter() - started:.1f} s")
     return result
@@ -199,6 +201,7 @@ def run_fold(spec_path: Path) -> int:
     then its out-of-fold predictions to its predictions.json. session.json's ``fold`` entry says
     which process ran it, when and where."""
     folds_runtime.pin_cpus()
+    start_clock()
     started = time.time()
     spec = read_json(spec_path)
     fold = Session(Path(spec["session"]))

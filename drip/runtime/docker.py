@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..config import AuditConfig, Config, InferConfig, SelectConfig
+from ..config import HOST_STARTED_ENV, STARTED_ENV, AuditConfig, Config, InferConfig, SelectConfig
 from ..errors import DripError
 from .torchrun import Launch
 
@@ -460,6 +460,8 @@ def build_run_spec(
         environment["TERM"] = host.term
 
     shell = bool(getattr(args, "shell", False))
+    if not shell and STARTED_ENV in os.environ:
+        environment[HOST_STARTED_ENV] = os.environ[STARTED_ENV]  # --time_limit counts from the host's start
     if shell:
         notes.append("shell with the mounts of: " + " ".join(_quote(a) for a in argv))
         argv = ["/bin/bash"]

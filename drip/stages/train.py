@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .. import console, detectors
-from ..config import Config
+from ..config import STARTED_ENV, Config
 from ..data.records import RecordDataset, StepBatchSampler, read_eval_records, read_records
 from ..detectors import files, models
 from ..errors import SessionError
@@ -233,7 +233,6 @@ def run(session: Session, config: Config, resume: bool = False) -> TrainResult:
 
 # --time_limit: the run's end until a few measured steps fix it (TimeLimitHook).
 PROVISIONAL_STEPS = 10**9
-STARTED_ENV = "DRIP_STARTED_AT"
 
 
 def _laid_out(config: Config, steps: int) -> Config:
