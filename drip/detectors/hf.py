@@ -221,9 +221,9 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The authors' gradient clipping (clip_max_norm 0.1 in every family's config).
 GRAD_CLIP = 0.1
 _SCRATCH_WARNING = (
-    "{network} with --weights none starts from random weights: DETR-family detectors learn "
-    "almost nothing from scratch on small data (DETR's authors needed 10-15k images and long "
-    "schedules); use --weights coco unless you have that much"
+    "{network} with --weights none starts from random weights: a DETR from scratch generalises "
+    "from small data far worse than from pretrained weights (DETR's authors needed 10-15k images "
+    "and long schedules); use --weights coco unless you have that much"
 )
 
 
