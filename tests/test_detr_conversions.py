@@ -34,6 +34,7 @@ HF_LABELS = [0, 2]
 
 PROCESSORS = {  # each family's image processor, as its published checkpoints name it
     "d_fine": "RTDetrImageProcessor", "rt_detr_v2": "RTDetrImageProcessor",  # 0..1, no normalisation
+    "deimv2": "RTDetrImageProcessor",  # its HGNetV2 sizes, as transformers' conversion writes them: 0..1
     "rf_detr": "RfDetrImageProcessor", "lw_detr": "DeformableDetrImageProcessor",  # ImageNet mean and deviation
 }
 
@@ -182,10 +183,12 @@ def test_dfine_n_trains_and_detects_at_the_quick_starts_224_px():
 
 
 @pytest.mark.parametrize(("network", "size"), [("dfine_n", 96), ("dfine_n", 33), ("rtdetr_v2_r18", 80), ("rtdetr_v2_r18", 32),
-                                             ("rfdetr_n", 32), ("rfdetr_n", 224), ("lwdetr_t", 100)])
+                                             ("deimv2_pico", 48), ("rfdetr_n", 32), ("rfdetr_n", 224), ("lwdetr_t", 100)])
 def test_every_image_size_works_with_fewer_anchors_than_queries(network, size):
     """Sizes down to Drip's smallest (32), with the published 300 queries; one that is no multiple of
-    the coarsest stride (32) is rounded up to one (``HFDetector.side``). RF-DETR and LW-DETR keep
+    the coarsest stride (32) is rounded up to one (``HFDetector.side``; DEIMv2-Pico's light encoder
+    pools a stride-32 map from its stride-16 one and adds it back upsampled: at 48 px a 2x2 map,
+    doubled, would not meet the 3x3 one). RF-DETR and LW-DETR keep
     their queries (laid out per Group DETR group): their input grows to enough anchors instead."""
     model = hf._wrap(tiny_network(network, num_queries=300), network, image_size=size)
     check_trains_and_detects(model, size, 300)

@@ -1,4 +1,4 @@
-"""D-FINE and RT-DETRv2 (Hugging Face transformers) through Drip, on tiny random networks.
+"""The DETR families of Hugging Face transformers through Drip, on tiny random networks.
 
 No download: each family's network is configured tiny (few channels, two decoder layers, twelve
 queries) and saved with ``save_pretrained``, as a user's fine-tuned checkpoint would be; Drip
@@ -31,9 +31,11 @@ from drip.data.synthetic import CLASSES, make_dataset, write_drip_json  # noqa: 
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128
-FAMILIES = {"dfine_n": "d_fine", "rtdetr_v2_r18": "rt_detr_v2", "rfdetr_n": "rf_detr", "lwdetr_t": "lw_detr"}
+FAMILIES = {"dfine_n": "d_fine", "rtdetr_v2_r18": "rt_detr_v2", "deimv2_pico": "deimv2", "rfdetr_n": "rf_detr",
+            "lwdetr_t": "lw_detr"}
 MODEL_CLASSES = {"d_fine": "DFineForObjectDetection", "rt_detr_v2": "RTDetrV2ForObjectDetection",
-                 "rf_detr": "RfDetrForObjectDetection", "lw_detr": "LwDetrForObjectDetection"}
+                 "deimv2": "Deimv2ForObjectDetection", "rf_detr": "RfDetrForObjectDetection",
+                 "lw_detr": "LwDetrForObjectDetection"}
 BOX_TOL_PX, SCORE_TOL = 1.0, 1e-3
 
 
@@ -56,6 +58,19 @@ def tiny_config(network: str, num_labels: int, **overrides):
         )
         return transformers.DFineConfig(backbone_config=backbone, encoder_in_channels=[32, 64, 64],
                                         decoder_n_points=[2, 2, 2], depth_mult=0.34, lqe_hidden_dim=8, **common)
+    if FAMILIES[network] == "deimv2":
+        # DEIMv2-Pico's shape: a three-stage HGNetV2 whose stride-16 map feeds the light encoder,
+        # which pools a stride-32 one from it; one bounding-box head shared by the decoder layers.
+        backbone = transformers.HGNetV2Config(
+            stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32], stage_mid_channels=[8, 8, 16],
+            stage_out_channels=[16, 32, 64], stage_num_blocks=[1, 1, 1], stage_numb_of_layers=[1, 1, 1],
+            stage_downsample=[False, True, True], stage_light_block=[False, False, True], stage_kernel_size=[3, 3, 5],
+            hidden_sizes=[16, 32, 64], depths=[1, 1, 1], out_indices=[3],
+        )
+        pico = dict(encoder_type="lite", encoder_layers=0, encoder_in_channels=[64], feat_strides=[16], num_feature_levels=2,
+                    decoder_in_channels=[16, 16], decoder_n_points=[2, 2], depth_mult=0.34, lqe_hidden_dim=8,
+                    share_bbox_head=True, use_gateway=False)
+        return transformers.Deimv2Config(backbone_config=backbone, **{**common, **pico, **overrides})
     backbone = transformers.RTDetrResNetConfig(
         hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic", embedding_size=8,
         out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4],
@@ -136,22 +151,38 @@ def test_a_safetensors_file_starts_drips_own_architecture(tmp_path):
 
 
 def backbone_norms(model) -> set[str]:
-    return {type(m).__name__ for m in model.net.model.backbone.modules() if "BatchNorm" in type(m).__name__}
+    backbone = model.net.model.conv_encoder.model if hasattr(model.net.model, "conv_encoder") else model.net.model.backbone
+    return {type(m).__name__ for m in backbone.modules() if "BatchNorm" in type(m).__name__}
 
 
-@pytest.mark.parametrize("network", ["dfine_n", "rtdetr_v2_r18"])
+@pytest.mark.parametrize("network", ["dfine_n", "rtdetr_v2_r18", "deimv2_pico"])
 def test_backbone_norms_learn_from_scratch_and_stay_frozen_when_loaded(network, tmp_path):
     """A random backbone's frozen batch norms (mean 0, variance 1) normalise nothing: from
     scratch they learn; started from weights they stay frozen at the loaded statistics."""
     scratch = models.build_model(network, len(CLASSES) + 1, "none", SIZE)
     assert backbone_norms(scratch) == {"BatchNorm2d"}
-    assert any(p.requires_grad for n, p in scratch.named_parameters() if "backbone" in n and "normalization" in n)
+    assert any(p.requires_grad for n, p in scratch.named_parameters() if hf._in_backbone(n) and "normalization" in n)
     tiny_network(network).save_pretrained(tmp_path / "weights")
     loaded = models.build_model(network, len(CLASSES) + 1, str(tmp_path / "weights"), SIZE)
     assert backbone_norms(loaded) and "BatchNorm2d" not in backbone_norms(loaded)
     # The choice travels with the model: rebuilt from its own structure, it is the same.
     again = detectors.rebuild(network, len(CLASSES) + 1, hf.TRANSFORMERS.structure_of(scratch), "a file")
     assert backbone_norms(again) == {"BatchNorm2d"}
+
+
+def test_a_checkpoint_with_an_eval_size_keeps_its_position_embeddings_in_eval(tmp_path):
+    """transformers' encoder skips its position embeddings in eval mode when ``eval_size`` is set,
+    as the DEIMv2 conversion writes it: loaded by Drip, the network evaluates as it trains.
+    DEIMv2-N's encoder (with attention) on the tiny Pico's backbone; D-FINE's is the same code."""
+    network = "deimv2_pico"
+    overrides = {"eval_size": [64, 64], "encoder_type": "hybrid", "encoder_layers": 1, "encode_proj_layers": [0]}
+    tiny_network(network, **overrides).save_pretrained(tmp_path / "weights")
+    names = list(tiny_network(network).config.id2label.values())  # its class head kept: the same outputs
+    model = models.build_model(network, len(names) + 1, str(tmp_path / "weights"), 64, classes=names).eval()
+    plain = hf._wrap(tiny_network(network, **{**overrides, "eval_size": None}), network, image_size=64).eval()
+    pixels = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.net(pixel_values=pixels).logits, plain.net(pixel_values=pixels).logits, atol=1e-5)
 
 
 def test_the_head_modules_are_the_tensors_that_follow_the_class_count():
@@ -281,6 +312,29 @@ def test_every_detr_network_is_listed_with_its_published_figures():
     for name in ("rfdetr_n", "rfdetr_s", "rfdetr_m", "rfdetr_l", "lwdetr_t", "lwdetr_s"):
         published = detectors.published(name)
         assert published.coco_ap and published.params_m and "T4" in published.latency and published.licence == "Apache-2.0"
+    # DEIMv2's model zoo gives its latency without the device: said so, not guessed.
+    for name in ("deimv2_pico", "deimv2_n"):
+        published = detectors.published(name)
+        assert published.coco_ap and published.params_m and "device not stated" in published.latency
+        assert published.licence == "Apache-2.0" and "DEIMv2" in published.source
+
+
+def test_deimv2_on_dinov3_is_refused_for_its_licence():
+    for name in ("deimv2_s", "deimv2_m", "deimv2_l", "deimv2_x"):
+        with pytest.raises(ModelError, match=r"DINOv3 License, not Apache-2.0, MIT or BSD: Drip offers deimv2_pico and deimv2_n"):
+            models.build_model(name, 4, "coco", SIZE)
+
+
+def test_the_backbone_learns_at_the_authors_fraction_of_the_rate():
+    """DEIMv2 keeps its HGNetV2 at ``conv_encoder.model``, beside the input projections, not at
+    ``backbone`` as D-FINE does: the backbone's rate (half, in the authors' configs) reaches it."""
+    for network, module in (("dfine_n", "backbone"), ("deimv2_pico", "conv_encoder")):
+        model = hf._wrap(tiny_network(network), network)
+        scale_of = {id(p): g["lr_scale"] for g in hf.TRANSFORMERS.param_groups(model, "adamw") for p in g["params"]}
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        inside = [n for n in named if f".{module}.model." in n]
+        assert inside and {scale_of[id(named[n])] for n in inside} == {0.5}, network
+        assert {scale_of[id(p)] for n, p in named.items() if n not in inside} == {1.0}, network
 
 
 def test_weights_objects365_only_where_published():

@@ -1,4 +1,4 @@
-"""D-FINE, RT-DETRv2, RF-DETR and LW-DETR from Hugging Face ``transformers`` behind the contract.
+"""D-FINE, RT-DETRv2, DEIMv2, RF-DETR and LW-DETR from Hugging Face ``transformers`` behind the contract.
 
 ``transformers`` is imported only when a network of these families is built: the registry below
 (names, published figures, recipe) is plain data, so ``drip networks`` and everything that never
@@ -6,13 +6,14 @@ builds one of them stay as fast as before.
 
 The network is wrapped in ``HFDetector``, which gives it torchvision's calling convention
 (``drip.detectors.base``): the wrapper stretches each image to the square ``image_size`` the
-authors train at (640 for D-FINE and RT-DETRv2, rounded up to what the network's feature maps
-need), feeds pixels as their image processor does (0..1 for D-FINE and RT-DETRv2, normalised with
-ImageNet's mean and deviation for RF-DETR and LW-DETR), turns Drip's targets (xyxy pixels, labels
-from 1) into the normalised cxcywh boxes and 0-based labels of ``transformers``' losses, and turns
-the query logits back into the best-scoring (query, class) pairs as boxes in the input image's
-pixels, the same top-k over sigmoid scores as the authors' post-processor. That post-processing
-is plain tensor arithmetic, so it is part of the exported ONNX graph.
+authors train at (640 for D-FINE, RT-DETRv2 and DEIMv2, rounded up to what the network's feature
+maps need), feeds pixels as their image processor does (0..1 for D-FINE, RT-DETRv2 and DEIMv2's
+HGNetV2 sizes, normalised with ImageNet's mean and deviation for RF-DETR and LW-DETR), turns
+Drip's targets (xyxy pixels, labels from 1) into the normalised cxcywh boxes and 0-based labels of
+``transformers``' losses, and turns the query logits back into the best-scoring (query, class)
+pairs as boxes in the input image's pixels, the same top-k over sigmoid scores as the authors'
+post-processor. That post-processing is plain tensor arithmetic, so it is part of the exported
+ONNX graph.
 
 Weights: ``--weights coco`` (and ``objects365``: the authors' Objects365-pretrained, COCO-trained
 ``obj2coco`` checkpoints, where published) downloads the
@@ -52,7 +53,7 @@ DEFAULT_SCORE_FLOOR = 0.05  # torchvision's default box_score_thresh, so both fa
 
 @dataclass(frozen=True)
 class HFSpec:
-    kind: str  # "d_fine" or "rt_detr_v2"
+    kind: str  # transformers' model_type: "d_fine", "rt_detr_v2", "deimv2", "rf_detr" or "lw_detr"
     hub: dict[str, str]  # start point -> Hub repository
     lr: float  # the authors' AdamW learning rate ...
     lr_batch: int  # ... at this total batch
@@ -205,6 +206,48 @@ NETWORKS.update({
         ("s", "small", 48.0, 2.9, 14.6, 10, [0, 1, 3, 6, 7, 9], [2, 4, 5, 9], 300),
     )
 })
+
+# DEIMv2 (Intellindust, Apache-2.0 code): D-FINE's decoder simplified (SwiGLU, RMSNorm, a gated or
+# plain cross-attention merge) and trained with DEIM's dense one-to-one matching and MAL loss.
+# Only its HGNetV2 sizes are offered: the S/M/L/X ones are built on DINOv3 (REFUSED below). Of
+# those, Pico and N have checkpoints in transformers' format, named by transformers' own DEIMv2
+# tests and docstrings (a contributor's conversions, "until official ones are uploaded"); the
+# authors' Intellindust/DEIMv2_HGNetv2_*_COCO repositories hold their own format (a
+# PyTorchModelHubMixin config and key names), which transformers' conversion script reads and Drip
+# does not; Atto and Femto exist only there. Architectures as that script
+# (convert_deimv2_original_pytorch_checkpoint_to_hf.py) sets them from the authors' configs;
+# learning rates from those configs (configs/deimv2/deimv2_hgnetv2_{pico,n}_coco.yml: AdamW,
+# backbone at half the rate). Their model zoo states the latency without its device.
+_DEIMV2_SOURCE = "DEIMv2 README (Intellindust-AI-Lab/DEIMv2, model zoo): COCO val2017 AP, latency (device not stated)"
+_DEIMV2_PICO_BACKBONE = {
+    "model_type": "hgnet_v2", "stem_channels": [3, 16, 16], "stage_in_channels": [16, 64, 256],
+    "stage_mid_channels": [16, 32, 64], "stage_out_channels": [64, 256, 512], "stage_num_blocks": [1, 1, 2],
+    "stage_numb_of_layers": [3, 3, 3], "depths": [3, 3, 3], "stage_downsample": [False, True, True],
+    "stage_light_block": [False, False, True], "stage_kernel_size": [3, 3, 5], "hidden_sizes": [64, 256, 512],
+    "use_learnable_affine_block": True, "out_indices": [3],
+}
+NETWORKS.update({
+    "deimv2_pico": HFSpec(
+        "deimv2", {"coco": "harshaljanjani/DEIMv2_HGNetv2_PICO_COCO_Transformers"}, 1.6e-3, 128, 0.5,
+        Published(38.5, "2.13 ms (device not stated)", 1.5, "Apache-2.0", _DEIMV2_SOURCE),
+        "DEIMv2-Pico, pruned HGNetV2 and a light encoder: 1.5 M parameters (COCO box AP 38.5)",
+        {"encoder_type": "lite", "encoder_layers": 0, "encoder_hidden_dim": 112, "encoder_in_channels": [512],
+         "feat_strides": [16], "depth_mult": 0.5, "hidden_expansion": 0.34, "d_model": 112, "decoder_ffn_dim": 320,
+         "decoder_layers": 3, "num_feature_levels": 2, "decoder_n_points": [4, 2], "decoder_in_channels": [112, 112],
+         "num_queries": 200, "share_bbox_head": True, "use_gateway": False, "decoder_activation_function": "silu"},
+        _DEIMV2_PICO_BACKBONE,
+    ),
+    "deimv2_n": HFSpec(
+        "deimv2", {"coco": "harshaljanjani/DEIMv2_HGNetv2_N_COCO_Transformers"}, 8e-4, 32, 0.5,
+        Published(43.0, "2.32 ms (device not stated)", 3.6, "Apache-2.0", _DEIMV2_SOURCE),
+        "DEIMv2-N, HGNetV2-B0 (COCO box AP 43.0)",
+        {"encoder_hidden_dim": 128, "encoder_in_channels": [512, 1024], "feat_strides": [16, 32], "depth_mult": 0.5,
+         "hidden_expansion": 0.34, "encoder_ffn_dim": 512, "encode_proj_layers": [1], "d_model": 128,
+         "decoder_ffn_dim": 512, "decoder_layers": 3, "num_feature_levels": 2, "decoder_n_points": [6, 6],
+         "decoder_in_channels": [128, 128], "decoder_activation_function": "silu"},
+        {**_DFINE_S_BACKBONE, "model_type": "hgnet_v2", "depths": [3, 3, 3, 3], "out_indices": [3, 4]},
+    ),
+})
 # Named so that asking for them says why they are not offered, instead of "not a network".
 REFUSED = {
     f"rfdetr_{size}": (
@@ -213,8 +256,21 @@ REFUSED = {
     )
     for size in ("xl", "2xl")
 }
+# DEIMv2-L and X start from Meta's DINOv3 ViT-S/S+ weights, S and M from ViT-Tiny/Tiny+ distilled
+# from DINOv3 ViT-S: the DINOv3 License covers the DINO Materials and their derivative works
+# (distribution only under that licence, a copy attached, use restrictions), and it is not Apache,
+# MIT or BSD.
+REFUSED.update({
+    f"deimv2_{size}": (
+        f"DEIMv2-{size.upper()} is built on Meta's DINOv3 ({backbone}), whose weights and derivatives fall under "
+        "the DINOv3 License, not Apache-2.0, MIT or BSD: Drip offers deimv2_pico and deimv2_n (HGNetV2)"
+    )
+    for size, backbone in (("s", "a distilled ViT-Tiny"), ("m", "a distilled ViT-Tiny+"), ("l", "ViT-S"), ("x", "ViT-S+"))
+})
 # The families whose pixels the authors normalise with ImageNet's mean and deviation (their image
-# processors: RfDetrImageProcessor, DeformableDetrImageProcessor); D-FINE and RT-DETRv2 take 0..1.
+# processors: RfDetrImageProcessor, DeformableDetrImageProcessor); D-FINE, RT-DETRv2 and DEIMv2's
+# HGNetV2 sizes take 0..1 (RTDetrImageProcessor without normalisation, as transformers' DEIMv2
+# conversion writes it for them; only its DINOv3 sizes are normalised).
 _IMAGENET_NORMALISED = ("rf_detr", "lw_detr")
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -240,6 +296,10 @@ def _classes(kind: str):
             from transformers import DFineConfig, DFineForObjectDetection
 
             return DFineConfig, DFineForObjectDetection
+        if kind == "deimv2":
+            from transformers import Deimv2Config, Deimv2ForObjectDetection
+
+            return Deimv2Config, Deimv2ForObjectDetection
         if kind == "rf_detr":
             from transformers import RfDetrConfig, RfDetrForObjectDetection
 
@@ -351,12 +411,12 @@ class HFDetector(nn.Module):
 def geometry(config) -> tuple[int, bool]:
     """(the multiple the input side must be, whether the queries may be clamped to the anchors).
 
-    D-FINE and RT-DETRv2: their coarsest stride; queries clamp. RF-DETR and LW-DETR: a ViT of
+    D-FINE, RT-DETRv2 and DEIMv2: their coarsest stride; queries clamp. RF-DETR and LW-DETR: a ViT of
     ``patch_size`` patches in windows, ``num_windows`` a side (RF-DETR) or in all (LW-DETR, a
     square); their queries are laid out per Group DETR group and do not clamp.
     """
     if hasattr(config, "feat_strides"):
-        return max(config.feat_strides), True
+        return int(max(_strides(config))), True
     backbone = config.backbone_config
     per_side = backbone.num_windows if config.model_type == "rf_detr" else math.isqrt(backbone.num_windows)
     return backbone.patch_size * per_side, False
@@ -364,7 +424,13 @@ def geometry(config) -> tuple[int, bool]:
 
 def _strides(config) -> list[float]:
     if hasattr(config, "feat_strides"):
-        return list(config.feat_strides)
+        strides = list(config.feat_strides)
+        if getattr(config, "encoder_type", None) == "lite":
+            # DEIMv2's light encoder (Atto to Pico) takes one backbone map and pools a second, twice
+            # as coarse, from it: the decoder sees both, and the coarse one, upsampled, must meet the
+            # fine one (so the input is a multiple of 32, not of the configured 16).
+            strides.append(strides[-1] * 2)
+        return strides
     patch = config.backbone_config.patch_size
     scales = getattr(config, "projector_scale_factors", None) or [1.0]  # RF-DETR: one level, at the patches
     return [patch / scale for scale in scales]
@@ -462,8 +528,9 @@ class Transformers(Family):
         weights will be loaded (see ``_freeze_norms``)."""
         spec = NETWORKS[network]
         config_class, _ = _classes(spec.kind)
-        if spec.kind in _IMAGENET_NORMALISED:
-            # A ViT config derives its windows from its outputs when it is made: given whole.
+        if spec.kind in _IMAGENET_NORMALISED or "model_type" in spec.backbone:
+            # A ViT config derives its windows from its outputs when it is made, and an HGNetV2's
+            # stage names from its depths (DEIMv2-Pico has three stages, not four): given whole.
             config = config_class(backbone_config=dict(spec.backbone), **spec.config)
         else:
             config = config_class(**spec.config)
@@ -569,7 +636,7 @@ class Transformers(Family):
 
     def param_groups(self, model: nn.Module, optimizer: str) -> list[dict[str, Any]]:
         scale = _backbone_scale(model)
-        return decay_groups(model, lambda name, param: scale if ".backbone." in f".{name}" else 1.0)
+        return decay_groups(model, lambda name, param: scale if _in_backbone(name) else 1.0)
 
     def mixed_precision(self, device: torch.device) -> torch.dtype:
         with contextlib.suppress(Exception):
@@ -598,6 +665,14 @@ class Transformers(Family):
         finally:
             for module in fixed:
                 del module.interpolate_pos_encoding
+
+
+def _in_backbone(name: str) -> bool:
+    """Whether parameter ``name`` is the backbone's: ``model.backbone.model`` in D-FINE and RT-DETRv2
+    (the ViTs' ``backbone`` too), ``model.conv_encoder.model`` in DEIMv2 (its ``conv_encoder`` also
+    holds the input projections, which the authors train at the full rate)."""
+    name = f".{name}"
+    return ".backbone." in name or ".conv_encoder.model." in name
 
 
 def _backbone_scale(model: HFDetector) -> float:
@@ -648,7 +723,7 @@ def _refuse_mostly_fresh(unloaded: int, total: int, what: str, network: str) -> 
 
 
 def _freeze_norms(config, trained_backbone: bool) -> None:
-    """Whether the backbone's batch norms are frozen (D-FINE's and RT-DETRv2's
+    """Whether the backbone's batch norms are frozen (D-FINE's, RT-DETRv2's and DEIMv2's
     ``freeze_backbone_batch_norms``; the ViT families have none).
 
     transformers freezes them by default, which suits a backbone whose weights and statistics are
@@ -673,6 +748,14 @@ def _ready(net: nn.Module) -> nn.Module:
     # Anchors from the feature maps of each forward, not fixed at 640 when the checkpoint was
     # saved: --image_size may differ (same values at the same size).
     net.config.anchor_image_size = None
+    # With ``eval_size`` set (transformers' DEIMv2 conversion sets 640x640), transformers' encoder
+    # drops its position embeddings in eval mode, where the authors' use ones precomputed for that
+    # size: the network would be evaluated without what it was trained with. Computed each forward.
+    if getattr(net.config, "eval_size", None) is not None:
+        net.config.eval_size = None
+        for module in net.modules():
+            if getattr(module, "eval_size", None) is not None:
+                module.eval_size = None
     return net
 
 
@@ -701,6 +784,7 @@ def _from_pretrained(network: str, where, num_classes: int, classes=None, cache_
     net, report = model_class.from_pretrained(
         str(where), config=config, ignore_mismatched_sizes=True, use_safetensors=True, output_loading_info=True, **kwargs
     )
+    _reload_shared_box_head(net, where, kwargs)
     fresh = [str(k[0] if isinstance(k, tuple) else k) for k in report.get("mismatched_keys", [])]
     missing = [str(k) for k in report.get("missing_keys", [])]
     _refuse_mostly_fresh(len(set(fresh + missing)), len(net.state_dict()), what, network)
@@ -718,6 +802,27 @@ def _from_pretrained(network: str, where, num_classes: int, classes=None, cache_
     if missing:
         console.info(f"{what}: {len(missing)} tensors of {network} are not in the checkpoint and start fresh: {names(missing)}")
     return _wrap(net, network)
+
+
+def _reload_shared_box_head(net: nn.Module, where, kwargs: dict[str, Any]) -> None:
+    """DEIMv2's small sizes share one box head across the decoder layers (``share_bbox_head``).
+    ``save_pretrained`` (transformers 5.22) keeps that head under the last layer's name only, and
+    ``from_pretrained`` then ties every layer to layer 0's freshly initialised one: the file's box
+    head is lost without a word. It is read from the file again here (one module, so every layer
+    gets it)."""
+    if not getattr(net.config, "share_bbox_head", False):
+        return
+    from safetensors.torch import load_file
+
+    if isinstance(where, Path):
+        files = sorted(where.glob("*.safetensors"))
+    else:
+        from transformers.utils import cached_file
+
+        files = [Path(cached_file(str(where), "model.safetensors", **kwargs))]
+    own = net.state_dict()
+    box = {k: v for f in files for k, v in load_file(str(f)).items() if "bbox_embed" in k and k in own}
+    net.load_state_dict(box, strict=False)
 
 
 def _check_model_type(path: Path | None, expected: str, what: str, found: str | None = None) -> None:
