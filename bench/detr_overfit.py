@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, parser, report  # noqa: E402
 
-NETWORKS = ["dfine_n", "rtdetr_v2_r18", "rfdetr_n", "lwdetr_t"]
+NETWORKS = ["dfine_n", "rtdetr_v2_r18", "deimv2_pico", "rfdetr_n", "lwdetr_t"]
 
 
 def main() -> None:
@@ -126,7 +126,7 @@ def main() -> None:
     few = scenes(args.images)
     runs = [(name, False) for name in args.networks]
     if args.frozen_norms:
-        runs += [(name, True) for name in args.networks if hf.NETWORKS[name].kind in ("d_fine", "rt_detr_v2")]
+        runs += [(name, True) for name in args.networks if hf.NETWORKS[name].kind in ("d_fine", "rt_detr_v2", "deimv2")]
     for name, freeze in runs:
         torch.manual_seed(args.seed)
         model = models.build_model(name, len(CLASSES) + 1, "none", args.image_size, classes=list(CLASSES))
