@@ -17,12 +17,17 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def cores() -> int:
-    """The cores this process may run on (a container's share, not the host's count)."""
+def core_ids() -> list[int]:
+    """The cores this process may run on (a container's share, not the host's), in order."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def cores() -> int:
+    """How many cores this process may run on (``core_ids``)."""
+    return len(core_ids())
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:

@@ -37,6 +37,7 @@ from pathlib import Path
 from .. import console
 from ..config import CLI, AuditConfig, Config, SelectConfig, start_clock
 from ..errors import ConfigError, InputError, guarded
+from ..parallel import core_ids
 from ..session import Session, read_json, write_json
 from . import folds as folds_runtime
 from . import local
@@ -181,19 +182,21 @@ def _run_folds_side_by_side(folder: Path, plans: list[FoldPlan], jobs: int, gpus
                           "predict": [[item.labels.image, str(item.path)] for item in plan.held],
                           "predictions": str(plan.session.root / "predictions.json")})
         folds.append(folds_runtime.Fold(number, spec, plan.session.root / "fold.log"))
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cpus = core_ids()
     places = folds_runtime.slots(jobs, gpus, cpus)
     console.info(f"audit: {len(plans)} folds, {jobs} at a time, each in a process of its own "
                  + (f"on one GPU ({', '.join(gpus)})" if gpus else f"on {len(places[0].cpus)} of {len(cpus)} cores"))
     found: dict[int, dict] = {}
 
+    def merged() -> dict[str, dict]:
+        return {name: p for number in sorted(found) for name, p in found[number].items()}
+
     def done(fold) -> None:
         found[fold.number] = read_json(plans[fold.number - 1].session.root / "predictions.json")
-        merged = {name: p for number in sorted(found) for name, p in found[number].items()}
-        write_json(folder / "predictions.json", merged)
+        write_json(folder / "predictions.json", merged())
 
     folds_runtime.run(folds, places, done)
-    return {name: ImagePredictions(**p) for number in sorted(found) for name, p in found[number].items()}
+    return {name: ImagePredictions(**p) for name, p in merged().items()}
 
 
 def run_fold(spec_path: Path) -> int:
