@@ -118,7 +118,7 @@ def main() -> None:
     def frozen(model):
         """``model`` rebuilt with its backbone's batch norms frozen at their initial statistics."""
         config = model.net.config
-        config.freeze_backbone_batch_norms = True
+        hf._freeze_norms(config, trained_backbone=True)
         model.net = hf._ready(type(model.net)(config))
         return model
 

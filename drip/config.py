@@ -16,6 +16,7 @@ import difflib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,6 @@ HOST_STARTED_ENV = "DRIP_HOST_STARTED_AT"
 def start_clock() -> None:
     """Stamp this command's start for --time_limit: now, or the host's when the command is the
     one Drip's container was started for (the image build and the container start count too)."""
-    import time
-
     os.environ[STARTED_ENV] = os.environ.pop(HOST_STARTED_ENV, None) or repr(time.time())
 
 CONFIG_VERSION = 1
