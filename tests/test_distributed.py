@@ -110,6 +110,14 @@ def test_a_rank_that_found_a_peer_hung_names_the_peer(tmp_path):
     report = tmp_path / "torchrun.log"
     report.write_text(ChildFailedError("drip.runtime.worker", failures).format_msg())
     assert torchrun.failure_line(report, 0, tmp_path, 1) == said
+    # The waiting rank ends the hung one; torchrun may see that death first, report it alone and
+    # stop the waiting rank itself (as CI once saw): the waiting rank's log still names the peer.
+    report.write_text(ChildFailedError("drip.runtime.worker", {1: failures[1]}).format_msg())
+    assert torchrun.failure_line(report, 0, tmp_path, 1) == said
+    # A line an earlier run wrote is not this run's.
+    earlier = {"rank-0.log": (tmp_path / "rank-0.log").stat().st_size}
+    assert torchrun.failure_line(report, 0, tmp_path, 1, earlier).startswith("rank 1 on ")
+    assert "was killed by SIGKILL" in torchrun.failure_line(report, 0, tmp_path, 1, earlier)
 
 
 # -- real processes ----------------------------------------------------------------------------------

@@ -150,6 +150,7 @@ def run(launch: Launch, nproc: int, session_folder: Path, logs_dir: Path, resume
     follow = _Follow(logs_dir / f"rank-{first}.log", out)
     agent_log = logs_dir / "torchrun.log"
     agent_start = agent_log.stat().st_size if agent_log.exists() else 0
+    rank_starts = {log.name: log.stat().st_size for log in logs_dir.glob("rank-*.log")}  # what this run adds
     env = dict(os.environ)
     # torchrun sets 1 thread per worker when unset; on the CPU a worker may use its share of cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -195,41 +196,48 @@ def run(launch: Launch, nproc: int, session_folder: Path, logs_dir: Path, resume
         stopped = follow.last_line_with("stopped at step")
         raise Interrupted(stopped.split("error: ", 1)[-1] if stopped else
                           f"stopped; resume with --resume_training (see {follow.path})")
-    raise DistributedError(failure_line(agent_log, agent_start, logs_dir, proc.returncode))
+    raise DistributedError(failure_line(agent_log, agent_start, logs_dir, proc.returncode, rank_starts))
 
 
-def failure_line(agent_log: Path, start: int, logs_dir: Path, returncode: int) -> str:
-    """One line naming the failed rank, its host, what happened and its log, from torchrun's report."""
+def failure_line(agent_log: Path, start: int, logs_dir: Path, returncode: int,
+                 rank_starts: dict[str, int] | None = None) -> str:
+    """One line naming the failed rank, its host, what happened and its log, from torchrun's report
+    (read from byte ``start``) and what the ranks' logs gained after ``rank_starts`` (name: size)."""
+    # A rank that found a peer hung (drip.runtime.worker: its heartbeat stood still) names it: that
+    # peer, not the rank that gave up waiting for it, is what the line is about. Every rank log is
+    # read, not only the failures torchrun reports: the waiting rank ends the hung one, and torchrun
+    # may report that one alone and stop the waiting rank itself.
+    starts = rank_starts or {}
+    for log in sorted(logs_dir.glob("rank-*.log"), key=lambda path: path.name):
+        said = last_error(log, starts.get(log.name, 0))
+        if said and re.match(r"rank \d+ on \S+ stopped answering", said):
+            return said
     text = agent_log.read_bytes()[start:].decode("utf-8", "replace") if agent_log.exists() else ""
     root = text.rsplit("Root Cause (first observed failure):", 1)
     fields = dict(re.findall(r"^\s+(host|rank|exitcode|traceback)\s*:\s*(.*)$", root[-1], re.M)) if len(root) > 1 else {}
     if not fields:
         last = [line for line in text.splitlines() if line.strip()][-1:] or ["no report"]
         return f"torchrun failed (exit code {returncode}): {last[0].strip()}; its log: {agent_log}"
-    # A rank that found a peer hung (drip.runtime.worker: its heartbeat stood still) names it: that
-    # peer, not the rank that gave up waiting for it, is what the line is about.
-    for failed in dict.fromkeys(re.findall(r"^\s+rank\s*:\s*(\d+)", text, re.M)):
-        said = last_error(logs_dir / f"rank-{failed}.log")
-        if said and re.match(r"rank \d+ on \S+ stopped answering", said):
-            return said
     rank = fields.get("rank", "?").split()[0]
     host = fields.get("host", "?").strip()
     code = fields.get("exitcode", "?").split("(pid")[0].strip()
     signame = re.search(r"\((SIG\w+)\)", fields.get("exitcode", ""))
     how = f"was killed by {signame.group(1)}" if signame else f"exited with code {code}"
     log = logs_dir / f"rank-{rank}.log"
-    said = last_error(log)
+    said = last_error(log, starts.get(log.name, 0))
     restarts = len(re.findall(r"Restarting worker group|restarting worker group", text))
     tail = f" after {restarts} restart(s)" if restarts else ""
     return f"rank {rank} on {host} {how}{tail}" + (f" ({said})" if said else "") + f"; its log: {log}"
 
 
-def last_error(log: Path) -> str | None:
-    """The last error a Drip process wrote to ``log`` (its ``drip: error:`` line, or an exception's), or None."""
+def last_error(log: Path, start: int = 0) -> str | None:
+    """The last error a Drip process wrote to ``log`` after byte ``start`` (its ``drip: error:`` line,
+    or an exception's), or None."""
     try:
-        lines = [line.strip() for line in log.read_text("utf-8", "replace").splitlines() if line.strip()]
+        text = log.read_bytes()[start:].decode("utf-8", "replace")
     except OSError:
         return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines[-40:]):
         if line.startswith("drip: error:"):
             return line.removeprefix("drip: error:").strip()

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         f"rank {ctx.rank} of {ctx.world} (local rank {ctx.local_rank}) on {host}, pid {os.getpid()}"
         + (f", restart {restart}" if restart else "")
     )
+    hung: list[int] = []  # pids of silent peers on this machine, ended once this rank's error is logged
 
     def run() -> int:
         from ..config import Config, InferConfig
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:  # a collective that timed out or lost its peer
             text = str(exc).lower()
             if "timed out" in text or "timeout" in text:
-                raise _silent_peer_error(ctx, host, logs_dir, values.get("dist_timeout")) or DistributedError(
+                raise _silent_peer_error(ctx, host, logs_dir, values.get("dist_timeout"), hung) or DistributedError(
                     f"rank {ctx.rank} on {host}: a collective operation timed out: another rank is dead or hung "
                     "(see the other ranks' logs), or rank 0 paused longer than --dist_timeout; raise it if so"
                 ) from None
@@ -84,22 +85,24 @@ def main(argv: list[str] | None = None) -> int:
             context().close()
         return 0
 
-    return guarded(run)
+    code = guarded(run)
+    # A silent rank on this machine is ended (SIGKILL) only now that this rank's line naming it is in
+    # its log: torchrun stops the whole group as soon as it sees that rank die. It must be ended:
+    # torchrun gives the others of a failed group 30 s to exit after its SIGTERM, which a stopped
+    # process never hears, and a restart (--max_restarts) starts only once every worker has exited.
+    for pid in hung:
+        _end_worker(pid)
+    return code
 
 
-def _silent_peer_error(ctx, host: str, logs_dir: Path, timeout_minutes) -> DistributedError | None:
+def _silent_peer_error(ctx, host: str, logs_dir: Path, timeout_minutes, hung: list[int]) -> DistributedError | None:
     """After a collective timed out: the rank that stopped answering (its heartbeat stood still), in
-    one line with its log, or None when every peer still beats (a slow one, not a hung one).
-
-    A silent rank on this machine is ended here (SIGKILL): torchrun gives the others of a failed
-    group 30 s to exit after its SIGTERM, which a stopped process never hears, and a restart
-    (--max_restarts) starts only once every worker has exited."""
+    one line with its log, or None when every peer still beats (a slow one, not a hung one). The
+    pids of silent ranks on this machine (``host``) are added to ``hung``."""
     silent = ctx.silent_peers()
     if not silent:
         return None
-    for _rank, peer_host, pid in silent:
-        if peer_host == host:
-            _end_worker(pid)
+    hung.extend(pid for _rank, peer_host, pid in silent if peer_host == host)
     rank, peer_host, _ = silent[0]
     also = "".join(f", and rank {r} on {h}" for r, h, _ in silent[1:])
     return DistributedError(
