@@ -10,7 +10,7 @@ The layers, from the top (a module imports only from its own layer or below):
                    drip.detectors.*
                    drip.data.*
     basics         drip (its __init__), drip.config, drip.session, drip.errors, drip.console,
-                   drip.parallel
+                   drip.parallel, drip.stops
 
 Imports made inside functions count: they are the same dependency, taken later. The graph is
 read from the source with ``ast``, so these tests import nothing of Drip's and take a second.
@@ -29,7 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "drip"
 
-BASICS = {"drip", "drip.config", "drip.session", "drip.errors", "drip.console", "drip.parallel"}
+BASICS = {"drip", "drip.config", "drip.session", "drip.errors", "drip.console", "drip.parallel", "drip.stops"}
 ENTRY_POINTS = {"drip.cli", "drip.launcher", "drip.__main__"}
 # Layer of each package; the packages on one line of the docstring share a number.
 LAYERS = {

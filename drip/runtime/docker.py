@@ -36,7 +36,6 @@ import socket
 import struct
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from typing import Any, NamedTuple
 
 from ..config import HOST_STARTED_ENV, STARTED_ENV, AuditConfig, Config, InferConfig, SelectConfig
 from ..errors import DripError
+from ..stops import STOP, StopSignals
 from .torchrun import Launch
 
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"  # the Dockerfile's ARG default (a test checks)
@@ -929,62 +929,6 @@ def _resize(client, cid: str) -> None:
         pass  # not a terminal, or the container is gone: nothing to resize
 
 
-class _StopSignals:
-    """SIGINT and SIGTERM while the container runs: noted by the handlers, acted on by the pump.
-
-    A handler only notes the signal and writes a byte to a pipe that ``select`` watches; the pump
-    forwards it between reads. Two things went wrong when the starter left SIGINT to Python's
-    default (a KeyboardInterrupt): a starter started with SIGINT ignored (a background job of a
-    script or a CI runner: the shell ignores SIGINT for it, and Python keeps that) never heard
-    Ctrl-C or ``kill -INT``, and training went on; and a KeyboardInterrupt lands wherever the main
-    thread is, also between two reads, outside the pump's handler, where it removed the container
-    without its checkpoint. Outside the main thread no handler can be installed: nothing is noted.
-    """
-
-    def __init__(self, signals: tuple[int, ...]):
-        self._signals = signals
-        self._received: list[str] = []
-        self._previous: dict[int, Any] = {}
-        self._wake_r = self._wake_w = -1
-
-    def __enter__(self) -> "_StopSignals":
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            for sig in self._signals:
-                self._previous[sig] = signal.signal(sig, self._note)
-        return self
-
-    def _note(self, signum, _frame) -> None:
-        self._received.append(signal.Signals(signum).name)
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe already holds wake-ups enough
-
-    def fileno(self) -> int:
-        return self._wake_r
-
-    def take(self) -> list[str]:
-        """The signals noted since the last call, oldest first."""
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        taken = []
-        while self._received:  # a handler may append meanwhile: pop, never clear
-            taken.append(self._received.pop(0))
-        return taken
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-
 def _pump(client, cid: str, sock, spec: RunSpec, out, err) -> None:
     """Copy the container's output to ours (and our stdin to it for --shell) until it ends.
 
@@ -1014,7 +958,7 @@ def _pump(client, cid: str, sock, spec: RunSpec, out, err) -> None:
     stopping = 0
     training = spec.command[1:2] in (["train"], ["audit"])
     # In a raw terminal Ctrl-C is a byte for the shell in the container; SIGINT comes from kill.
-    signals = _StopSignals((signal.SIGINT,) if tty_mode else (signal.SIGINT, signal.SIGTERM))
+    signals = StopSignals((signal.SIGINT,) if tty_mode else STOP)
     try:
         with signals:
             while True:

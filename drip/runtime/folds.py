@@ -20,13 +20,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DistributedError, Interrupted
+from ..stops import StopSignals
 from .torchrun import last_error
 
 CPUS_ENV = "DRIP_FOLD_CPUS"  # the cores a fold's process keeps, e.g. "0,1": it pins itself before importing torch
@@ -94,51 +94,41 @@ def run(folds: list[Fold], places: list[Slot], done: Callable[[Fold], None], out
     free = list(places)
     running: dict[int, _Running] = {}
     finished: list[float] = []  # seconds each fold took
-    stops: list[int] = []
-
-    def on_signal(signum, _frame):
-        stops.append(signum)
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-    try:
-        while queued or running:
-            while queued and free and not stops:
-                fold, slot = queued.pop(0), free.pop(0)
-                running[fold.number] = _start(fold, slot, python)
-                where = f"GPU {slot.gpu}" if slot.gpu is not None else f"{len(slot.cpus)} core(s)"
-                _say(out, f"audit: fold {fold.number} started on {where}, pid {running[fold.number].proc.pid}; "
-                     f"its log: {fold.log}")
-            for number, job in list(running.items()):
-                job.pump(out)
-                if job.proc.poll() is None:
-                    continue
+    with StopSignals() as stops:
+        try:
+            while queued or running:
+                while queued and free and not stops.received:
+                    fold, slot = queued.pop(0), free.pop(0)
+                    running[fold.number] = _start(fold, slot, python)
+                    where = f"GPU {slot.gpu}" if slot.gpu is not None else f"{len(slot.cpus)} core(s)"
+                    _say(out, f"audit: fold {fold.number} started on {where}, pid {running[fold.number].proc.pid}; "
+                         f"its log: {fold.log}")
+                for number, job in list(running.items()):
+                    job.pump(out)
+                    if job.proc.poll() is None:
+                        continue
+                    job.pump(out, final=True)
+                    del running[number]
+                    if job.proc.returncode != 0:
+                        raise DistributedError(failure_line(job.fold, len(folds), job.proc.returncode))
+                    done(job.fold)
+                    finished.append(time.monotonic() - job.started)
+                    free.append(job.slot)
+                    left = estimate_left(finished, [time.monotonic() - j.started for j in running.values()],
+                                         len(queued), len(places))
+                    _say(out, f"audit: fold {number} finished in {finished[-1]:.0f} s ({len(finished)} of {len(folds)} "
+                         "folds)" + (f"; the others in about {max(1.0, left):.0f} s" if running or queued else ""))
+                if stops.received:
+                    ended = ", ".join(str(n) for n in sorted(running)) or "none"
+                    raise Interrupted(f"{stops.first}: the audit stopped and ended its running folds "
+                                      f"({ended}); nothing in dl/audit/ claims to be complete; run drip audit again")
+                time.sleep(0.2)
+        finally:
+            for job in running.values():
+                _killpg(job.proc)
+            for job in running.values():
+                job.proc.wait()
                 job.pump(out, final=True)
-                del running[number]
-                if job.proc.returncode != 0:
-                    raise DistributedError(failure_line(job.fold, len(folds), job.proc.returncode))
-                done(job.fold)
-                finished.append(time.monotonic() - job.started)
-                free.append(job.slot)
-                left = estimate_left(finished, [time.monotonic() - j.started for j in running.values()],
-                                     len(queued), len(places))
-                _say(out, f"audit: fold {number} finished in {finished[-1]:.0f} s ({len(finished)} of {len(folds)} "
-                     "folds)" + (f"; the others in about {max(1.0, left):.0f} s" if running or queued else ""))
-            if stops:
-                ended = ", ".join(str(n) for n in sorted(running)) or "none"
-                raise Interrupted(f"{signal.Signals(stops[0]).name}: the audit stopped and ended its running folds "
-                                  f"({ended}); nothing in dl/audit/ claims to be complete; run drip audit again")
-            time.sleep(0.2)
-    finally:
-        for job in running.values():
-            _killpg(job.proc)
-        for job in running.values():
-            job.proc.wait()
-            job.pump(out, final=True)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def estimate_left(finished: list[float], elapsed: list[float], queued: int, jobs: int) -> float:

@@ -26,12 +26,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, DistributedError, Interrupted
+from ..stops import StopSignals
 
 LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "max_restarts")
 CONFIG_ENV = "DRIP_TRAIN_CONFIG"  # the resolved config, as JSON, from the launching process to the ranks
@@ -164,35 +164,28 @@ def run(launch: Launch, nproc: int, session_folder: Path, logs_dir: Path, resume
     with open(agent_log, "ab") as agent_out:
         proc = subprocess.Popen(argv, stdout=agent_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)  # Ctrl-C reaches this process only; it forwards once
-    stops: list[int] = []
 
-    def on_signal(signum, _frame):
-        stops.append(signum)
-        if len(stops) == 1:
-            print(f"[drip] {signal.Signals(signum).name}: asking every rank to stop after this step and save "
+    def on_signal(name: str, count: int) -> None:
+        if count == 1:
+            print(f"[drip] {name}: asking every rank to stop after this step and save "
                   "(again to stop at once, unsaved)", file=out, flush=True)
-            _send(proc, signum)
+            _send(proc, signal.Signals[name])
         else:
             _killpg(proc)
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-    try:
-        while proc.poll() is None:
+    with StopSignals(on_signal=on_signal) as stops:
+        try:
+            while proc.poll() is None:
+                follow.pump()
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                _killpg(proc)
+                proc.wait()
             follow.pump()
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None:
-            _killpg(proc)
-            proc.wait()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        follow.pump()
     if proc.returncode == 0:
         return
-    if stops:
+    if stops.received:
         stopped = follow.last_line_with("stopped at step")
         raise Interrupted(stopped.split("error: ", 1)[-1] if stopped else
                           f"stopped; resume with --resume_training (see {follow.path})")

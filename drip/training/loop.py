@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +22,7 @@ from .. import console, detectors
 from ..data.records import collate
 from ..errors import Interrupted, SessionError
 from ..parallel import cores
+from ..stops import StopSignals
 
 
 class HookBase:
@@ -209,25 +209,18 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class StopRequest:
-    """SIGINT/SIGTERM handlers for the loop: the first asks to stop after the step, a second aborts."""
+class StopRequest(StopSignals):
+    """SIGINT/SIGTERM for the loop: the first asks to stop after the step, a second aborts."""
 
     def __init__(self):
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
+        super().__init__(on_signal=self._handle)
 
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+    @property
+    def requested(self) -> str | None:
+        return self.first
 
-    def _handle(self, signum, _frame) -> None:
-        if self.requested is not None:
+    @staticmethod
+    def _handle(name: str, count: int) -> None:
+        if count > 1:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        console.warn(f"{self.requested}: stopping after this step to save a checkpoint (again to stop at once, unsaved)")
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        console.warn(f"{name}: stopping after this step to save a checkpoint (again to stop at once, unsaved)")
