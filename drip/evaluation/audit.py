@@ -6,19 +6,24 @@ here is plain Python and numpy, so it is tested on hand-made boxes.
 
 How sure the model is comes from the model itself, not from constants tuned on one dataset:
 ``Calibration`` maps a raw score to the fraction of the model's predictions at that score which
-match a label (same class, IoU >= 0.5), a monotone fit over the whole dataset. A prediction at a
-score where the model is right 95% of the time, with no label under it, is a missing box at 0.95;
-the same raw score from a weaker model counts for less. The kinds of issue:
+match a label (same class, IoU >= 0.5), a monotone fit over the whole dataset, one for each class
+the model predicts often enough (``ClassCalibration``: a model that puts one class on bare
+background is less sure of that class). A prediction at a score where the model is right 95% of
+the time, with no label under it, is a missing box at 0.95; the same raw score from a weaker model
+counts for less. Each label gets one explanation and each prediction explains one label: the
+surest candidates (wrong class, bad box) are taken first. The kinds of issue:
 
 * ``missing``: a prediction that no label covers (IoU < ``COVER_IOU`` with every label);
   the score is the prediction's calibrated score.
 * ``wrong_class``: a label whose object the model sees as another class: the best prediction of
   another class on it (IoU >= 0.5) is surer than the best of the label's class;
   ``p_other * (1 - p_same)``.
-* ``bad_box``: a label whose class the model finds beside it, not on it: a prediction of the same
-  class that matches no other label, overlapping the box or within ``NEAR`` of it, surest first; ``p_pred * (1 - p_same)``, and for a
-  prediction that does not even touch the box, times ``1 - p_any`` (the label may be another
-  object the model missed). ``suggested_box`` is the prediction.
+* ``bad_box``: a label whose object the model does not find under it (``p_same`` < 0.5), and
+  whose class it finds beside it: a prediction of the same class that lies on no other label's
+  object (another class's label the model finds does not count), overlapping the box or within
+  ``NEAR`` of it; ``p_pred * (1 - p_same)``, and for a prediction that does not even touch the
+  box, times ``1 - p_any`` (the label may be another object the model missed).
+  ``suggested_box`` is the prediction.
 * ``duplicate``: a second label of the same class on the same object (IoU >= ``DUPLICATE_IOU``
   between the labels); their IoU times the model's doubt that a second object is there.
 * ``spurious``: a label under which the model predicts nothing. Absence of evidence is weak
@@ -49,6 +54,7 @@ DUPLICATE_IOU = 0.7
 # diagonals) when the two do not overlap: a box moved by up to about its own size.
 NEAR = 1.0
 COVER_IOU = 0.3  # a prediction overlapping a label this much is that label's business, never "missing"
+PER_CLASS = 200  # predictions of a class enough to calibrate it alone
 MIN_SCORE = 0.05  # issues below this are not listed: the tail of a ranked list nobody reads
 # Suggestions applied in suggested.json: at least as likely right as not.
 APPLY_SCORE = 0.5
@@ -208,14 +214,36 @@ def _match(labels: ImageLabels, preds: ImagePredictions, iou: np.ndarray) -> tup
     return matched, hit
 
 
-def calibrate(pairs: Sequence[tuple[ImageLabels, ImagePredictions]]) -> Calibration:
-    scores, hits = [], []
+class ClassCalibration:
+    """A ``Calibration`` for each predicted class with ``PER_CLASS`` predictions or more (a model
+    is surer of some classes than of others: a class it often sees where nothing is labelled
+    counts for less), the whole model's for the rest."""
+
+    def __init__(self, scores: np.ndarray, hits: np.ndarray, classes: Sequence[str]):
+        scores, hits, classes = np.asarray(scores, float), np.asarray(hits, float), np.asarray(classes, object)
+        self.overall = Calibration(scores, hits)
+        self.by_class = {name: Calibration(scores[classes == name], hits[classes == name])
+                         for name in set(classes.tolist()) if int((classes == name).sum()) >= PER_CLASS}
+
+    def __call__(self, scores, classes: Sequence[str]) -> np.ndarray:
+        scores = np.asarray(scores, float)
+        out = self.overall(scores)
+        for name, calibration in self.by_class.items():
+            mask = np.asarray([c == name for c in classes], bool)
+            if mask.any():
+                out[mask] = calibration(scores[mask])
+        return out
+
+
+def calibrate(pairs: Sequence[tuple[ImageLabels, ImagePredictions]]) -> ClassCalibration:
+    scores, hits, classes = [], [], []
     for labels, preds in pairs:
         iou = box_iou(labels.boxes, preds.boxes)
         _, hit = _match(labels, preds, iou)
         scores += list(preds.scores)
         hits += list(hit)
-    return Calibration(np.asarray(scores, float), np.asarray(hits, float))
+        classes += list(preds.labels)
+    return ClassCalibration(np.asarray(scores, float), np.asarray(hits, float), classes)
 
 
 # -- the issues -----------------------------------------------------------------------------------
@@ -225,7 +253,7 @@ class Audit:
     recall: float  # labels the model finds (same class, IoU >= 0.5, calibrated score >= 0.5)
     labels: int
     predictions: int
-    calibration: Calibration = field(repr=False, default=None)
+    calibration: ClassCalibration = field(repr=False, default=None)
 
 
 def find_issues(pairs: Sequence[tuple[ImageLabels, ImagePredictions]], min_score: float = MIN_SCORE) -> Audit:
@@ -235,7 +263,7 @@ def find_issues(pairs: Sequence[tuple[ImageLabels, ImagePredictions]], min_score
     unfound: list[tuple[Issue, float]] = []  # spurious candidates and 1 - p_any, scored once the prior is known
     found = total = n_preds = 0
     for labels, preds in pairs:
-        p = calibration(preds.scores) if preds.scores else np.zeros(0)
+        p = calibration(preds.scores, preds.labels) if preds.scores else np.zeros(0)
         image_issues, image_unfound, image_found = _image_issues(labels, preds, p)
         issues += image_issues
         unfound += image_unfound
@@ -288,35 +316,30 @@ def _image_issues(labels: ImageLabels, preds: ImagePredictions, p: np.ndarray):
             done[g] = True
             break
 
-    # wrong class: the model is surer of another class on the object than of the label's
-    for g in range(len(boxes)):
-        if done[g]:
-            continue
-        others = [d for d in overlapping(g, MATCH_IOU) if preds.labels[d] != labels.labels[g] and not used[d]]
-        if not others:
-            continue
-        d = max(others, key=lambda d: p[d])
-        if p[d] <= p_same[g]:
-            continue
-        score = float(p[d] * (1 - p_same[g]))
-        issues.append(Issue(image, "wrong_class", score, list(labels.boxes[g]), labels.labels[g], preds.labels[d],
-                            index=g, evidence=f"the model sees {preds.labels[d]} ({p[d]:.0%} sure) "
-                            f"rather than {labels.labels[g]} ({p_same[g]:.0%})"))
-        used[d] = done[g] = True
-
-    # bad boxes: the label's class found beside it by a prediction that explains no other label
+    # wrong class: the model is surer of another class on the object than of the label's; bad box:
+    # the label's class found beside it by a prediction that explains no other label. One label,
+    # one explanation, and one prediction explains one label: the surest are taken first (a box
+    # moved off its object often has a faint prediction of another class under it, and the
+    # object it was moved off may lie under another label that the model finds as that one's class).
+    found = p_same >= 0.5
     cover = iou.max(axis=0) if len(boxes) else np.zeros(len(pboxes))
-    candidates = []
+    candidates = []  # (score, distance, kind, label, prediction)
     for g in range(len(boxes)):
         if done[g]:
             continue
+        for d in overlapping(g, MATCH_IOU):
+            if preds.labels[d] != labels.labels[g] and not used[d] and p[d] > p_same[g]:
+                candidates.append((float(p[d] * (1 - p_same[g])), 0.0, "wrong_class", g, int(d)))
+        if found[g]:
+            continue  # the model finds the label's object under it: not a box that misses its object
         p_any = float(p[overlapping(g, COVER_IOU)].max()) if len(overlapping(g, COVER_IOU)) else 0.0
         for d in range(len(pboxes)):
             if used[d] or preds.labels[d] != labels.labels[g] or p[d] <= p_same[g]:
                 continue
-            others = np.delete(iou[:, d], g) if len(boxes) > 1 else np.zeros(0)
-            if len(others) and others.max() >= COVER_IOU:
-                continue  # it is on another label's object
+            # On another label's object: unless that label is another class, which the model finds.
+            if any(iou[h, d] >= COVER_IOU and (labels.labels[h] == preds.labels[d] or not found[h])
+                   for h in range(len(boxes)) if h != g):
+                continue
             score = float(p[d] * (1 - p_same[g]))
             distance = _centre_distance(boxes[g], pboxes[d])
             if iou[g, d] <= 0:
@@ -324,14 +347,19 @@ def _image_issues(labels: ImageLabels, preds: ImagePredictions, p: np.ndarray):
                     continue
                 score *= 1 - p_any  # not even touching: only when nothing is seen under the label
             if score > 0:
-                candidates.append((score, distance, g, d))
-    for score, _, g, d in sorted(candidates, key=lambda c: (-c[0], c[1])):
+                candidates.append((score, distance, "bad_box", g, d))
+    for score, _, kind, g, d in sorted(candidates, key=lambda c: (-c[0], c[1], c[2])):
         if done[g] or used[d]:
             continue
-        issues.append(Issue(image, "bad_box", score, list(labels.boxes[g]), labels.labels[g], labels.labels[g],
-                            suggested_box=[float(v) for v in pboxes[d]], index=g,
-                            evidence=f"the model finds the {labels.labels[g]} at IoU {iou[g, d]:.2f} "
-                            f"with the box ({p[d]:.0%} sure)"))
+        if kind == "wrong_class":
+            issues.append(Issue(image, "wrong_class", score, list(labels.boxes[g]), labels.labels[g], preds.labels[d],
+                                index=g, evidence=f"the model sees {preds.labels[d]} ({p[d]:.0%} sure) "
+                                f"rather than {labels.labels[g]} ({p_same[g]:.0%})"))
+        else:
+            issues.append(Issue(image, "bad_box", score, list(labels.boxes[g]), labels.labels[g], labels.labels[g],
+                                suggested_box=[float(v) for v in pboxes[d]], index=g,
+                                evidence=f"the model finds the {labels.labels[g]} at IoU {iou[g, d]:.2f} "
+                                f"with the box ({p[d]:.0%} sure)"))
         used[d] = done[g] = True
 
     # missing: sure predictions under no label (one per object, whatever its class)
