@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import DistributedError, Interrupted
 from ..stops import StopSignals
-from .torchrun import last_error
+from .torchrun import kill_group, last_error
 
 CPUS_ENV = "DRIP_FOLD_CPUS"  # the cores a fold's process keeps, e.g. "0,1": it pins itself before importing torch
 
@@ -125,7 +125,7 @@ def run(folds: list[Fold], places: list[Slot], done: Callable[[Fold], None], out
                 time.sleep(0.2)
         finally:
             for job in running.values():
-                _killpg(job.proc)
+                kill_group(job.proc)
             for job in running.values():
                 job.proc.wait()
                 job.pump(out, final=True)
@@ -189,10 +189,3 @@ def _start(fold: Fold, slot: Slot, python: str) -> _Running:
 
 def _say(out, message: str) -> None:
     print(f"[drip] {message}", file=out, flush=True)
-
-
-def _killpg(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the fold and its data-loading workers
-    except (ProcessLookupError, PermissionError):
-        pass

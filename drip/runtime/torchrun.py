@@ -171,7 +171,7 @@ def run(launch: Launch, nproc: int, session_folder: Path, logs_dir: Path, resume
                   "(again to stop at once, unsaved)", file=out, flush=True)
             _send(proc, signal.Signals[name])
         else:
-            _killpg(proc)
+            kill_group(proc)
 
     with StopSignals(on_signal=on_signal) as stops:
         try:
@@ -180,7 +180,7 @@ def run(launch: Launch, nproc: int, session_folder: Path, logs_dir: Path, resume
                 time.sleep(0.2)
         finally:
             if proc.poll() is None:
-                _killpg(proc)
+                kill_group(proc)
                 proc.wait()
             follow.pump()
     if proc.returncode == 0:
@@ -272,8 +272,10 @@ def _send(proc: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def _killpg(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s process group: a process started with ``start_new_session`` and its
+    children (torchrun and its workers; a fold and its data-loading workers)."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers share its new session's group
+        os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
